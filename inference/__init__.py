@@ -1,0 +1,1 @@
+"""Algorithms that take probabilistic programs, score functions and SDEs."""

@@ -1,0 +1,1 @@
+"""Generative methods, each one PyroModule with ``model(x)`` and ``guide(x)``."""
