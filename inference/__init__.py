@@ -1,1 +1,17 @@
 """Algorithms that take probabilistic programs, score functions and SDEs."""
+
+from probgen.inference.inspect import TraceReport, inspect_trace
+from probgen.inference.likelihood import iwae_bits_per_dim, iwae_log_likelihood
+from probgen.inference.svi import ELBOLoss, FitResult, TrainingError, elbo_per_example, fit
+
+__all__ = [
+    "ELBOLoss",
+    "FitResult",
+    "TraceReport",
+    "TrainingError",
+    "elbo_per_example",
+    "fit",
+    "inspect_trace",
+    "iwae_bits_per_dim",
+    "iwae_log_likelihood",
+]

@@ -1,1 +1,11 @@
-"""Generative methods, each one PyroModule with ``model(x)`` and ``guide(x)``."""
+"""Generative methods, each one PyroModule with ``model(x)`` and ``guide(x)``.
+
+``build(name, **config)`` constructs a registered method; ``available()`` lists
+them. A new module that decorates its class with ``@register("name")`` and is
+imported here is picked up by the trainer, the checkpoints and the CLI.
+"""
+
+from probgen.models.base import Method, available, build, method_class, register
+from probgen.models.vae import VAE
+
+__all__ = ["Method", "VAE", "available", "build", "method_class", "register"]
