@@ -180,6 +180,8 @@ def fit(
         KeyboardInterrupt: after saving ``last`` when interrupted.
     """
     _check_fit_args(data, val_data, steps, batch_size, lr, val_every, log_every, patience)
+    if hasattr(method, "check_data"):
+        method.check_data(data)
     if resume and run_dir is None:
         raise ValueError("Expected a run_dir to resume from, but found None.")
     checkpoint_every = checkpoint_every or val_every

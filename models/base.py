@@ -50,6 +50,21 @@ class Method(PyroModule):
         """The Pyro ELBO this method is trained with (default ``Trace_ELBO``)."""
         return Trace_ELBO()
 
+    @classmethod
+    def data_form(cls, dataset_name: str) -> str:
+        """The form of a data set this method trains on (``"int"``, ``"dequantized"``, ``"centered"``)."""
+        return "int"
+
+    @classmethod
+    def from_data(cls, dataset: Any, **kwargs: Any) -> Method:
+        """Construct the method with the sizes and likelihood that suit ``dataset``.
+
+        Args:
+            dataset: a :class:`probgen.data.Dataset` in this method's :meth:`data_form`.
+            **kwargs: constructor arguments that override the defaults.
+        """
+        raise NotImplementedError
+
     @property
     def event_dim(self) -> int:
         """Flat size D of one observation."""

@@ -12,15 +12,16 @@ Pyro's ELBO over the pair is
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import torch
-from probgen.distributions import DiscretizedLogistic
 from probgen.models.base import Method, register
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
+from probgen.distributions import DiscretizedLogistic
 from probgen.nets import MLP
 
 __all__ = ["VAE", "LIKELIHOODS"]
@@ -97,6 +98,21 @@ class VAE(Method):
     @property
     def event_dim(self) -> int:
         return self.data_dim
+
+    @classmethod
+    def from_data(cls, dataset: Any, **kwargs: Any) -> VAE:
+        """A VAE for ``dataset``: discretized-logistic decoder for integer-level images,
+        Bernoulli for binary data, Gaussian for real vectors (the 2-D toys)."""
+        x = dataset.x
+        defaults: dict[str, Any] = {"data_dim": x.shape[-1]}
+        if dataset.num_levels is not None and dataset.num_levels > 2:
+            defaults.update(likelihood="logistic", num_levels=dataset.num_levels, num_mixtures=1)
+        elif bool(((x == 0) | (x == 1)).all()):
+            defaults.update(likelihood="bernoulli")
+        else:
+            defaults.update(likelihood="gaussian", latent_dim=2, hidden=(128, 128))
+        defaults.update(kwargs)
+        return cls(**defaults)
 
     def elbo(self) -> ELBO:
         return TraceMeanField_ELBO() if self.analytic_kl else Trace_ELBO()
