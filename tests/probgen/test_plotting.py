@@ -195,3 +195,16 @@ def test_import_and_plot_leave_pyplot_and_backend_alone(tmp_path):
     env = {**os.environ, "MPLBACKEND": "Agg"}  # a fixed backend, so reading it resolves nothing
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
     assert (tmp_path / "x.png").exists()
+
+
+def test_concurrent_plots_from_threads(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(i):
+        return save_scatter_2d(_randn(500, 2, seed=i), tmp_path / f"c{i}.png", title=str(i))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        paths = list(pool.map(work, range(8)))
+    for p in paths:
+        _read_png(p)
+    _no_temp_files_left(tmp_path)
