@@ -6,16 +6,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from pyro.poutine.util import site_is_subsample
 
-__all__ = ["sample_sites", "seeded"]
+from probgen.elbo import sample_sites
 
-
-def sample_sites(trace) -> Iterator[tuple[str, dict]]:
-    """The ``(name, site)`` pairs of a trace's sample sites, plates' subsample sites excluded."""
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            yield name, site
+__all__ = ["sample_sites", "seeded"]  # sample_sites re-exported from probgen.elbo
 
 
 @contextlib.contextmanager

@@ -14,10 +14,11 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
-from probgen.inference._util import sample_sites, seeded
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 from torch import nn
+
+from probgen.inference._util import sample_sites, seeded
 
 __all__ = ["SiteRow", "TraceReport", "inspect_trace"]
 

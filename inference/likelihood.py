@@ -19,10 +19,11 @@ import math
 
 import pyro
 import torch
-from probgen.inference._util import sample_sites, seeded
-from probgen.metrics import bits_per_dim
 from pyro import poutine
 from torch import nn
+
+from probgen.inference._util import sample_sites, seeded
+from probgen.metrics import bits_per_dim
 
 __all__ = ["iwae_log_likelihood", "iwae_bits_per_dim", "max_plate_nesting"]
 

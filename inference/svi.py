@@ -28,6 +28,11 @@ from typing import Any
 import pyro
 import torch
 import torch.distributed as torch_dist
+from pyro import poutine
+from pyro.infer import ELBO
+from torch import nn
+from tqdm.auto import tqdm
+
 from probgen.checkpoint import (
     flatten_state,
     has_checkpoint,
@@ -36,10 +41,6 @@ from probgen.checkpoint import (
     unflatten_state,
 )
 from probgen.inference._util import sample_sites, seeded
-from pyro import poutine
-from pyro.infer import ELBO
-from torch import nn
-from tqdm.auto import tqdm
 
 __all__ = ["fit", "FitResult", "TrainingError", "ELBOLoss", "elbo_per_example"]
 
@@ -136,6 +137,7 @@ def fit(
     resume: bool = False,
     metadata: Mapping[str, Any] | None = None,
     progress: bool = True,
+    validate: bool = False,
     callback: Callable[[int, float], None] | None = None,
 ) -> FitResult:
     r"""Fit a model/guide pair by stochastic variational inference.
@@ -169,6 +171,10 @@ def fit(
         metadata: extra JSON-serializable metadata stored in checkpoints (e.g.
             ``{"method": "vae", "config": {...}, "data": "digits"}``).
         progress: show a tqdm progress bar with the loss.
+        validate: keep Pyro's distribution and shape validation on for every
+            step. By default only the first step of a run is validated (catching
+            shape and support errors at once); later steps skip the checks, and a
+            non-finite loss is still caught at every step.
         callback: called as ``callback(step, loss)`` after every step.
 
     Returns:
@@ -233,6 +239,7 @@ def fit(
     per_rank = batch_size // world
     steps_per_epoch = max(n // batch_size, 1)
     since_best = 0
+    first = True
     best_state: dict[str, torch.Tensor] | None = None
     window: list[float] = []
     bar = tqdm(
@@ -249,8 +256,9 @@ def fit(
                 x = data[idx[rank * per_rank : (rank + 1) * per_rank]]
                 method.train()
                 try:
-                    value = objective(x)
-                    invalid = None
+                    with pyro.validation_enabled(validate or first):
+                        value = objective(x)
+                    invalid, first = None, False
                 except ValueError as exc:  # distribution validation caught a non-finite parameter
                     if "invalid values" not in str(exc):
                         raise

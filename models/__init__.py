@@ -5,7 +5,7 @@ them. A new module that decorates its class with ``@register("name")`` and is
 imported here is picked up by the trainer, the checkpoints and the CLI.
 """
 
-from probgen.models.base import Method, available, build, method_class, register
+from probgen.models.base import Method, available, build, load_method, method_class, register
 from probgen.models.vae import VAE
 
-__all__ = ["Method", "VAE", "available", "build", "method_class", "register"]
+__all__ = ["Method", "VAE", "available", "build", "load_method", "method_class", "register"]

@@ -10,7 +10,9 @@ checkpoints and the command line need to know about a method is here.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -18,7 +20,9 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.nn import PyroModule
 
-__all__ = ["Method", "register", "build", "available", "method_class"]
+from probgen.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
+
+__all__ = ["Method", "register", "build", "available", "method_class", "load_method"]
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -128,3 +132,75 @@ def method_class(name: str) -> type[Method]:
 def build(name: str, **config: Any) -> Method:
     """Construct the method ``name`` from its constructor keyword arguments."""
     return method_class(name)(**config)
+
+
+def load_method(
+    run_dir: str | os.PathLike, tag: str | None = None, *, device: str | torch.device = "cpu"
+) -> tuple[Method, dict[str, Any]]:
+    """Rebuild a trained method from a run directory written by ``probgen.inference.fit``.
+
+    The checkpoint's metadata must name the method and its constructor arguments
+    (``{"method": "vae", "config": {...}, ...}``, as ``probgen train`` saves
+    them); the method is rebuilt with :func:`build` and its ``model.*`` tensors
+    are loaded with ``load_state_dict(strict=True)``.
+
+    Args:
+        run_dir: the run directory.
+        tag: which checkpoint (``"best"``, ``"last"``, ...); default ``"best"``
+            when present, else ``"last"``.
+        device: device of the returned method.
+
+    Returns:
+        ``(method, metadata)``: the method in eval mode and the checkpoint's
+        metadata, with ``"tag"`` set to the checkpoint that was loaded.
+
+    Raises:
+        CheckpointError: the directory holds no probgen checkpoint, the checkpoint is
+            corrupt, its metadata does not name a registered method and its config,
+            or the saved tensors do not fit that config.
+    """
+    run_dir = Path(run_dir)
+    if tag is None:
+        if not run_dir.is_dir():
+            raise CheckpointError(f"no run directory {run_dir} (it does not exist or is not a directory)")
+        if has_checkpoint(run_dir, "best"):
+            tag = "best"
+        elif has_checkpoint(run_dir, "last"):
+            tag = "last"
+        else:
+            raise CheckpointError(f"{run_dir} is not a probgen run directory (no best.json or last.json)")
+    tensors, info = load_checkpoint(run_dir, tag, device=device)
+    where = f"checkpoint {tag!r} in {run_dir}"
+    metadata = dict(info["metadata"])
+    name, config = metadata.get("method"), metadata.get("config")
+    if not isinstance(name, str) or not isinstance(config, dict):
+        raise CheckpointError(
+            f"Expected the metadata of {where} to hold 'method' (a name) and 'config' (a dict), "
+            f"but found method={name!r} and config of type {type(config).__name__}"
+        )
+    if name not in _REGISTRY:
+        raise CheckpointError(
+            f"Expected the method of {where} in {available()}, but found {name!r} "
+            "(not registered: is the module that defines it imported?)"
+        )
+    try:
+        method = build(name, **config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot rebuild {name!r} from the config of {where}: {exc}") from exc
+    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    expected = method.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(state[k].shape)} but the config needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise CheckpointError(f"the tensors of {where} do not fit a {name!r} with its saved config: {shown}")
+    method.load_state_dict(state, strict=True)
+    method.to(device)
+    method.eval()
+    metadata["tag"] = tag
+    return method, metadata

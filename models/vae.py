@@ -17,11 +17,12 @@ from typing import Any
 import pyro
 import pyro.distributions as dist
 import torch
-from probgen.models.base import Method, register
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 from torch import nn
 
 from probgen.distributions import DiscretizedLogistic
+from probgen.elbo import AnalyticKL_ELBO
+from probgen.models.base import Method, register
 from probgen.nets import MLP
 
 __all__ = ["VAE", "LIKELIHOODS"]
@@ -86,7 +87,8 @@ class VAE(Method):
         self.num_levels = num_levels if likelihood in ("categorical", "logistic") else 1
         self.num_mixtures = num_mixtures
         self.analytic_kl = analytic_kl
-        per_dim = {"categorical": num_levels, "logistic": 3 * num_mixtures}.get(likelihood, 1)
+        per_dim = {"categorical": num_levels, "logistic": (3 if num_mixtures > 1 else 2) * num_mixtures}
+        per_dim = per_dim.get(likelihood, 1)
         out = data_dim * per_dim
         self.encoder = MLP(data_dim, 2 * latent_dim, hidden)
         self.decoder = MLP(latent_dim, out, tuple(reversed(hidden)))
@@ -115,7 +117,7 @@ class VAE(Method):
         return cls(**defaults)
 
     def elbo(self) -> ELBO:
-        return TraceMeanField_ELBO() if self.analytic_kl else Trace_ELBO()
+        return AnalyticKL_ELBO() if self.analytic_kl else Trace_ELBO()
 
     def likelihood_dist(self, z: torch.Tensor) -> dist.Distribution:
         """:math:`p_\\theta(x \\mid z)` for latents ``z`` of shape ``(..., latent_dim)``.
@@ -129,11 +131,17 @@ class VAE(Method):
             return dist.Categorical(logits=logits).to_event(1)
         if self.likelihood == "logistic":
             half = (self.num_levels - 1) / 2
-            logits, loc, raw_scale = out.unflatten(-1, (self.data_dim, 3, self.num_mixtures)).unbind(-2)
+            k = self.num_mixtures
+            params = out.unflatten(-1, (self.data_dim, 3 if k > 1 else 2, k))
+            loc, raw_scale = params[..., -2, :], params[..., -1, :]
             component = DiscretizedLogistic(
                 half + half * loc, nn.functional.softplus(raw_scale) + 0.05, self.num_levels
             )
-            return dist.MixtureSameFamily(dist.Categorical(logits=logits), component).to_event(1)
+            if k == 1:
+                single = DiscretizedLogistic(component.loc[..., 0], component.scale[..., 0], self.num_levels)
+                return single.to_event(1)
+            mixing = dist.Categorical(logits=params[..., 0, :])
+            return dist.MixtureSameFamily(mixing, component).to_event(1)
         if self.likelihood == "bernoulli":
             return dist.Bernoulli(logits=out).to_event(1)
         return dist.Normal(out, nn.functional.softplus(self.log_scale) + 1e-3).to_event(1)

@@ -14,8 +14,9 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 def _run(args, out, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, *args, str(WORKER), str(out)], env=env,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, *args, str(WORKER), str(out)], env=env, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

@@ -56,17 +56,34 @@ def test_resume_continues_exactly(tmp_path):
     x = torch.randn(200, 6)
     full = _small_vae()
     losses_full = []
-    fit(full, x, steps=40, batch_size=32, seed=3, progress=False,
-        callback=lambda s, v: losses_full.append(v))
+    fit(full, x, steps=40, batch_size=32, seed=3, progress=False, callback=lambda s, v: losses_full.append(v))
 
     part = _small_vae()
     losses_part = []
-    fit(part, x, steps=20, batch_size=32, seed=3, progress=False, run_dir=tmp_path,
-        checkpoint_every=20, callback=lambda s, v: losses_part.append(v))
+    fit(
+        part,
+        x,
+        steps=20,
+        batch_size=32,
+        seed=3,
+        progress=False,
+        run_dir=tmp_path,
+        checkpoint_every=20,
+        callback=lambda s, v: losses_part.append(v),
+    )
     torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore it
     resumed = _small_vae()
-    fit(resumed, x, steps=40, batch_size=32, seed=3, progress=False, run_dir=tmp_path,
-        resume=True, callback=lambda s, v: losses_part.append(v))
+    fit(
+        resumed,
+        x,
+        steps=40,
+        batch_size=32,
+        seed=3,
+        progress=False,
+        run_dir=tmp_path,
+        resume=True,
+        callback=lambda s, v: losses_part.append(v),
+    )
     assert losses_part == losses_full
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -76,8 +93,18 @@ def test_best_checkpoint_and_early_stopping(tmp_path):
     x, xv = torch.randn(200, 6), torch.randn(50, 6)
     method = _small_vae()
     scores = iter([5.0, 4.0, 4.5, 4.6, 4.7, 1.0])
-    result = fit(method, x, val_data=xv, steps=100, batch_size=32, val_every=10, patience=3,
-                 val_fn=lambda m, v: next(scores), run_dir=tmp_path, progress=False)
+    result = fit(
+        method,
+        x,
+        val_data=xv,
+        steps=100,
+        batch_size=32,
+        val_every=10,
+        patience=3,
+        val_fn=lambda m, v: next(scores),
+        run_dir=tmp_path,
+        progress=False,
+    )
     assert result.stopped_early and result.step == 50
     assert result.best_step == 20 and result.best_val == 4.0
     tensors, info = load_checkpoint(tmp_path, "best")
@@ -97,8 +124,16 @@ def test_nonfinite_loss_names_step_and_site_and_keeps_checkpoint(tmp_path):
                 method.log_scale.fill_(float("nan"))
 
     with pytest.raises(TrainingError, match=r"step 8.*site 'x'"):
-        fit(method, x, steps=50, batch_size=16, checkpoint_every=5, run_dir=tmp_path,
-            progress=False, callback=poison)
+        fit(
+            method,
+            x,
+            steps=50,
+            batch_size=16,
+            checkpoint_every=5,
+            run_dir=tmp_path,
+            progress=False,
+            callback=poison,
+        )
     # The step-7 parameters are poisoned, so the last good checkpoint (step 5) is kept.
     tensors, info = load_checkpoint(tmp_path, "last")
     assert info["metadata"]["step"] == 5
@@ -123,8 +158,16 @@ def test_interrupt_saves_last_checkpoint(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        fit(method, x, steps=50, batch_size=16, checkpoint_every=100, run_dir=tmp_path,
-            progress=False, callback=interrupt)
+        fit(
+            method,
+            x,
+            steps=50,
+            batch_size=16,
+            checkpoint_every=100,
+            run_dir=tmp_path,
+            progress=False,
+            callback=interrupt,
+        )
     _, info = load_checkpoint(tmp_path, "last")
     assert info["metadata"]["step"] == 3
 

@@ -80,11 +80,15 @@ def test_inspect_elbo_parts_equal_pyro_losses(case):
 
 def test_save_load_round_trip(case, tmp_path):
     vae, x = case
-    save_checkpoint(tmp_path, "best", {f"model.{k}": v for k, v in vae.state_dict().items()},
-                    {"method": "vae", "config": vae.config})
+    save_checkpoint(
+        tmp_path,
+        "best",
+        {f"model.{k}": v for k, v in vae.state_dict().items()},
+        {"method": "vae", "config": vae.config},
+    )
     tensors, info = load_checkpoint(tmp_path, "best")
     clone = build("vae", **info["metadata"]["config"])
-    clone.load_state_dict({k[len("model."):]: v for k, v in tensors.items()})
+    clone.load_state_dict({k[len("model.") :]: v for k, v in tensors.items()})
     torch.manual_seed(0)
     a = inspect_trace(vae, x, seed=0).elbo_parts
     b = inspect_trace(clone, x, seed=0).elbo_parts

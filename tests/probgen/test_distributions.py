@@ -14,7 +14,9 @@ def _logistic_cdf(x, loc, scale):
 @pytest.mark.parametrize("loc, scale", [(0.0, 0.3), (7.3, 1.5), (16.0, 0.1), (-3.0, 2.0), (8.0, 40.0)])
 def test_probabilities_match_cdf_differences_and_sum_to_one(loc, scale):
     levels = torch.arange(17.0, dtype=torch.float64)
-    d = DiscretizedLogistic(torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64), 17)
+    d = DiscretizedLogistic(
+        torch.tensor(loc, dtype=torch.float64), torch.tensor(scale, dtype=torch.float64), 17
+    )
     probs = d.log_prob(levels).exp()
     expected = []
     for v in range(17):

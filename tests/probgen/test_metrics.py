@@ -242,7 +242,9 @@ def test_digits_classifier_accuracy_cache_and_determinism():
     with torch.no_grad():
         acc = (clf(x).argmax(-1) == y).double().mean().item()
     assert acc > 0.9
+    rng_before = torch.get_rng_state()
     fresh = _train_digits_classifier()
+    assert torch.equal(torch.get_rng_state(), rng_before), "training touched the global RNG"
     for (name, p), q in zip(clf.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(p, q), f"retrained {name} differs"
     feats = digits_features(x[:7])
