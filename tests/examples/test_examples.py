@@ -1,0 +1,32 @@
+"""Every example runs end to end with a tiny budget and writes its pictures."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_vae_digits_tiny(tmp_path):
+    out = tmp_path / "vae"
+    report = _load("vae_digits").main(
+        ["--steps", "60", "--iwae-samples", "4", "--out", str(out), "--no-progress"]
+    )
+    for name in ("samples.png", "reconstructions.png", "loss.png"):
+        assert _is_png(out / name), name
+    assert (out / "report.json").is_file()
+    assert 0 < report["test_nll_bits_per_dim"] < 6
+    with pytest.raises(SystemExit, match="already holds a run"):
+        _load("vae_digits").main(["--steps", "2", "--out", str(out), "--no-progress"])
