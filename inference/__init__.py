@@ -1,5 +1,6 @@
 """Algorithms that take probabilistic programs, score functions and SDEs."""
 
+from probgen.inference.evaluate import evaluate, log_likelihood, register_likelihood
 from probgen.inference.inspect import TraceReport, inspect_trace
 from probgen.inference.likelihood import iwae_bits_per_dim, iwae_log_likelihood
 from probgen.inference.svi import ELBOLoss, FitResult, TrainingError, elbo_per_example, fit
@@ -10,6 +11,9 @@ __all__ = [
     "TraceReport",
     "TrainingError",
     "elbo_per_example",
+    "evaluate",
+    "log_likelihood",
+    "register_likelihood",
     "fit",
     "inspect_trace",
     "iwae_bits_per_dim",

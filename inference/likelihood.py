@@ -97,9 +97,9 @@ def iwae_log_likelihood(
         raise ValueError(f"Expected x of shape (B, D), but found {tuple(x.shape)}.")
     was_training = method.training
     method.eval()
-    particle_dim = -max_plate_nesting(method, x) - 1
     out = []
     with seeded(seed, x):
+        particle_dim = -max_plate_nesting(method, x) - 1
         for xb in x.split(batch_size):
             chunks = []
             for start in range(0, num_samples, particles_per_chunk):
