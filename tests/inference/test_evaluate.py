@@ -1,3 +1,4 @@
+import importlib
 import json
 import math
 
@@ -5,10 +6,12 @@ import pytest
 import torch
 
 from probgen.data import load_dataset, toy_entropy
-from probgen.inference import evaluate as evaluate_module
 from probgen.inference.evaluate import evaluate, log_likelihood, register_likelihood, to_levels
 from probgen.models import VAE
 from tests.common import assert_close
+
+# The package exports the function evaluate(), which shadows the submodule's attribute name.
+evaluate_module = importlib.import_module("probgen.inference.evaluate")
 
 
 def _vae(name, form="int", **kwargs):
