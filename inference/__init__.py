@@ -1,8 +1,9 @@
 """Algorithms that take probabilistic programs, score functions and SDEs."""
 
+from probgen.inference.ancestral import ancestral_sample, ddim_sample, ddim_timesteps
 from probgen.inference.evaluate import evaluate, log_likelihood, register_likelihood
 from probgen.inference.inspect import TraceReport, inspect_trace
-from probgen.inference.likelihood import iwae_bits_per_dim, iwae_log_likelihood
+from probgen.inference.likelihood import ddpm_bits_per_dim, ddpm_nll, iwae_bits_per_dim, iwae_log_likelihood
 from probgen.inference.svi import ELBOLoss, FitResult, TrainingError, elbo_per_example, fit
 
 __all__ = [
@@ -10,6 +11,11 @@ __all__ = [
     "FitResult",
     "TraceReport",
     "TrainingError",
+    "ancestral_sample",
+    "ddim_sample",
+    "ddim_timesteps",
+    "ddpm_bits_per_dim",
+    "ddpm_nll",
     "elbo_per_example",
     "evaluate",
     "log_likelihood",

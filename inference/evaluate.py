@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from probgen.data import TOYS, Dataset, load_dataset, mixture_modes, toy_entropy
 from probgen.inference._util import seeded
-from probgen.inference.likelihood import iwae_log_likelihood
+from probgen.inference.likelihood import ddpm_nll, iwae_log_likelihood
+from probgen.inference.sampling import draw_samples
 from probgen.metrics import (
     bits_per_dim,
     digits_frechet_distance,
@@ -62,7 +63,13 @@ def _iwae(method: nn.Module, x: Tensor, *, num_samples: int = 1000, seed: int = 
     return ll, f"IWAE bound (lower bound on log p), K={num_samples}"
 
 
+def _ddpm_bound(method: nn.Module, x: Tensor, *, num_samples: int = 0, seed: int = 0) -> tuple[Tensor, str]:
+    nll = ddpm_nll(method, x, seed=seed)
+    return -nll, f"variational bound (L_T + sum of all {method.T} terms + L_0; upper bound on NLL)"
+
+
 register_likelihood("vae", _iwae)
+register_likelihood("ddpm", _ddpm_bound)
 
 
 def _method_name(method: nn.Module) -> str:
@@ -189,6 +196,8 @@ def evaluate(
     num_samples: int = 1000,
     num_generated: int = 5000,
     seed: int = 0,
+    sampler: str = "ancestral",
+    sampler_steps: int | None = None,
 ) -> dict[str, Any]:
     r"""Evaluate ``method`` on the test split of ``dataset_name``: NLL and sample quality.
 
@@ -233,13 +242,18 @@ def evaluate(
     seconds["nll"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    with seeded(seed + 1), torch.no_grad():
-        generated = method.sample(num_generated).detach().to("cpu", torch.float32)
+    with torch.no_grad():
+        generated = draw_samples(method, num_generated, sampler=sampler, steps=sampler_steps, seed=seed + 1)
+        generated = generated.detach().to("cpu", torch.float32)
     seconds["sampling"] = time.perf_counter() - start
     generated = generated.reshape(num_generated, -1)
 
     start = time.perf_counter()
-    samples: dict[str, Any] = {"num_generated": num_generated}
+    samples: dict[str, Any] = {
+        "num_generated": num_generated,
+        "sampler": sampler,
+        "sampler_steps": sampler_steps,
+    }
     if name == "digits":
         levels = to_levels(generated, form, test_int.num_levels)
         train_int = load_dataset(name, "train", form="int")

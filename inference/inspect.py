@@ -4,7 +4,10 @@ r"""Trace tables: what a model/guide pair does to one batch, site by site.
 and reports every site (distribution, batch and event shapes, whether it is
 observed, the sum of its log-probabilities) together with the parts of the
 ELBO: :math:`\log p(x \mid z)`, :math:`\log p(z)`, :math:`\log q(z \mid x)`,
-the analytic KL where one exists, and the ELBO itself, all per example.
+the analytic KL where one exists, and the ELBO itself, all per example. Log-probs
+and KLs carry their sites' ``poutine.scale`` and ``poutine.mask`` exactly as the ELBO
+does, so for a method trained on a reweighted estimator (DDPM) the parts are those of
+its training objective.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
+from pyro.distributions.util import scale_and_mask
 from torch import nn
 
 from probgen.inference._util import sample_sites, seeded
@@ -146,7 +150,8 @@ def inspect_trace(method: nn.Module, x: torch.Tensor, *, seed: int = 0) -> Trace
         for name, site in sample_sites(trace):
             fn = site["fn"]
             observed = site["is_observed"]
-            lp = float(fn.log_prob(site["value"]).sum())
+            # As in the ELBO: each term carries its site's poutine.scale and poutine.mask.
+            lp = float(scale_and_mask(fn.log_prob(site["value"]), site["scale"], site["mask"]).sum())
             kind = "observed" if observed else "latent"
             if program == "model":
                 sums["obs" if observed else "prior"] += lp
@@ -166,7 +171,9 @@ def inspect_trace(method: nn.Module, x: torch.Tensor, *, seed: int = 0) -> Trace
             )
             if program == "model" and not observed and name in guide_trace.nodes:
                 try:
-                    kl_total += float(kl_divergence(guide_trace.nodes[name]["fn"], fn).sum())
+                    q_site = guide_trace.nodes[name]
+                    kl = kl_divergence(q_site["fn"], fn)
+                    kl_total += float(scale_and_mask(kl, q_site["scale"], q_site["mask"]).sum())
                 except NotImplementedError:
                     kl_exact = False
     parts = {

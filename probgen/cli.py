@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="sampling seed (default 0)")
     p.add_argument("--tag", default=None, help="checkpoint to load: best or last (default best, else last)")
     p.add_argument("--npz", metavar="FILE.npz", default=None, help="also save the raw samples")
+    _add_sampler_arguments(p)
     p.add_argument("--device", default="cpu", help="device to sample on (default cpu)")
     p.set_defaults(func=_cmd_sample)
 
@@ -237,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="samples drawn for the sample-quality metrics (default 5000)",
     )
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="evaluation seed (default 0)")
+    _add_sampler_arguments(p)
     p.add_argument("--tag", default=None, help="checkpoint to load: best or last (default best, else last)")
     p.add_argument(
         "--json", metavar="FILE", default=None, help="JSON output (default RUN_DIR/evaluation.json)"
@@ -278,12 +280,27 @@ def _fail(message: BaseException | str) -> None:
     print(f"{_PROG}: error: {_one_line(message)}", file=sys.stderr)
 
 
-def _sample(method, num: int, seed: int) -> torch.Tensor:
-    device = next(iter(method.parameters()), torch.empty(0)).device
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
-        return method.sample(num).detach().to("cpu", torch.float32)
+def _add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sampler",
+        default="ancestral",
+        help="sampler: ancestral (any method), ddim (ddpm); default ancestral",
+    )
+    p.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="number of sampler steps, for samplers that take one (ddim: default 50)",
+    )
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default 0)")
+
+
+def _sample(method, num: int, seed: int, args: argparse.Namespace) -> torch.Tensor:
+    from probgen.inference.sampling import draw_samples
+
+    with torch.no_grad():
+        x = draw_samples(method, num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=seed)
+    return x.detach().to("cpu", torch.float32)
 
 
 def _source_levels(data: str, form: str, train) -> int | None:
@@ -443,7 +460,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from probgen.plotting import save_image_grid, save_scatter_2d
 
     method, meta = load_method(args.run_dir, args.tag, device=_device(args.device))
-    x = _sample(method, args.num, args.seed)
+    x = _sample(method, args.num, args.seed, args)
     form, levels = meta.get("form", "int"), meta.get("num_levels")
     event_shape = tuple(meta.get("event_shape") or (x.shape[1],))
     if math.prod(event_shape) != x.shape[1]:
@@ -544,6 +561,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         num_samples=args.num_samples,
         num_generated=args.num_generated,
         seed=args.seed,
+        sampler=args.sampler,
+        sampler_steps=args.steps,
     )
     report["checkpoint"] = {"run_dir": str(args.run_dir), "tag": meta["tag"], "step": meta.get("step")}
     path = Path(args.json) if args.json else Path(args.run_dir) / "evaluation.json"
@@ -551,7 +570,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     print(
         f"{report['method']} on {report['data']} (form {report['form']}, checkpoint {meta['tag']} at step "
         f"{meta.get('step')}): {report['num_test']} test examples, "
-        f"{report['samples']['num_generated']} samples"
+        f"{report['samples']['num_generated']} samples ({args.sampler} sampler"
+        + (f", {args.steps} steps)" if args.steps else ")")
     )
     print(_table(_metric_rows(report), ("metric", "value", "floor / reference")))
     if report["nll"]["kind"]:

@@ -30,3 +30,13 @@ def test_vae_digits_tiny(tmp_path):
     assert 0 < report["test_nll_bits_per_dim"] < 6
     with pytest.raises(SystemExit, match="already holds a run"):
         _load("vae_digits").main(["--steps", "2", "--out", str(out), "--no-progress"])
+
+
+def test_ddpm_toy2d_tiny(tmp_path):
+    out = tmp_path / "ddpm"
+    report = _load("ddpm_toy2d").main(
+        ["--steps", "20", "--num-samples", "64", "--ddim-steps", "5", "--out", str(out), "--no-progress"]
+    )
+    for name in ("samples.png", "trajectories.png", "loss.png"):
+        assert _is_png(out / name), name
+    assert all(v >= 0 for v in report["sliced_wasserstein"].values())
