@@ -32,7 +32,7 @@ LIKELIHOODS = ("bernoulli", "categorical", "logistic", "gaussian")
 
 @register("vae")
 class VAE(Method):
-    r"""Gaussian-latent VAE with a Bernoulli, categorical or Gaussian decoder.
+    r"""Gaussian-latent VAE with a Bernoulli, categorical, discretized-logistic or Gaussian decoder.
 
     Args:
         data_dim: flat size D of one observation.

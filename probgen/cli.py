@@ -599,12 +599,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    from probgen.inference.sampling import samplers_for
     from probgen.models import available, method_class
 
     print("methods:")
     for name in available():
         doc = (method_class(name).__doc__ or "").strip().splitlines()
-        print(f"  {name:16s} {doc[0] if doc else ''}")
+        print(f"  {name:16s} {doc[0] if doc else ''} (samplers: {', '.join(samplers_for(name))})")
     print("data sets (--data):")
     print(f"  {'digits':16s} sklearn's 8x8 digits, 17 grey levels; split 1350 train / 150 val / 297 test")
     for name in (*TOYS, "grid25"):
@@ -629,6 +630,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, as Unix tools do
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         from probgen.inference import TrainingError
 
