@@ -211,7 +211,7 @@ def fit(
     val_fn = val_fn or (lambda m, v: elbo_per_example(m, v, elbo=elbo, seed=seed))
 
     result = FitResult(run_dir=run_dir)
-    pyro.set_rng_seed(seed + rank)
+    torch.manual_seed(seed + rank)  # Pyro samples from torch's global RNG; nothing else is seeded
     if resume and has_checkpoint(run_dir, "last"):
         _restore(run_dir, method, opt, result, device)
 
@@ -237,7 +237,7 @@ def fit(
     stop = _InterruptFlag()
     n = data.shape[0]
     per_rank = batch_size // world
-    steps_per_epoch = max(n // batch_size, 1)
+    minibatches = _Minibatches(n, batch_size, seed)
     since_best = 0
     first = True
     best_state: dict[str, torch.Tensor] | None = None
@@ -252,7 +252,7 @@ def fit(
     try:
         with stop:
             while result.step < steps:
-                idx = _batch_indices(n, batch_size, result.step, steps_per_epoch, seed)
+                idx = minibatches(result.step)
                 x = data[idx[rank * per_rank : (rank + 1) * per_rank]]
                 method.train()
                 try:
@@ -369,12 +369,21 @@ def _make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.
     return makers[name](params, lr=lr, weight_decay=weight_decay)
 
 
-def _batch_indices(n: int, batch_size: int, step: int, steps_per_epoch: int, seed: int) -> torch.Tensor:
-    """Indices of the global minibatch for ``step``: a pure function of (seed, step)."""
-    epoch, offset = divmod(step, steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=gen)
-    return perm[offset * batch_size : (offset + 1) * batch_size]
+class _Minibatches:
+    """Global minibatch indices for each step: a pure function of (seed, step), one permutation per
+    epoch (computed once per epoch, not per step)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.steps_per_epoch = max(n // batch_size, 1)
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, step: int) -> torch.Tensor:
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=gen)
+        return self._perm[offset * self.batch_size : (offset + 1) * self.batch_size]
 
 
 def _load_model_state(method: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
