@@ -135,7 +135,11 @@ def build(name: str, **config: Any) -> Method:
 
 
 def load_method(
-    run_dir: str | os.PathLike, tag: str | None = None, *, device: str | torch.device = "cpu"
+    run_dir: str | os.PathLike,
+    tag: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    expected: str | None = None,
 ) -> tuple[Method, dict[str, Any]]:
     """Rebuild a trained method from a run directory written by ``probgen.inference.fit``.
 
@@ -149,6 +153,8 @@ def load_method(
         tag: which checkpoint (``"best"``, ``"last"``, ...); default ``"best"``
             when present, else ``"last"``.
         device: device of the returned method.
+        expected: the method name the caller needs (e.g. ``"ddpm"`` for a DDIM
+            sampler or a teacher); a checkpoint of another method is an error.
 
     Returns:
         ``(method, metadata)``: the method in eval mode and the checkpoint's
@@ -178,6 +184,8 @@ def load_method(
             f"Expected the metadata of {where} to hold 'method' (a name) and 'config' (a dict), "
             f"but found method={name!r} and config of type {type(config).__name__}"
         )
+    if expected is not None and name != expected:
+        raise CheckpointError(f"Expected a checkpoint of method {expected!r}, but found {name!r} in {where}")
     if name not in _REGISTRY:
         raise CheckpointError(
             f"Expected the method of {where} in {available()}, but found {name!r} "

@@ -320,3 +320,20 @@ def test_inspect_elbo_parts_equal_the_training_estimator():
     with pyro.validation_enabled(False):
         loss = ddpm.elbo().loss(ddpm.model, ddpm.guide, x)
     assert abs(report.elbo_parts["ELBO (analytic KL)"] + loss / 32) < 1e-4 * max(1.0, abs(loss / 32))
+
+
+def test_a_checkpoint_of_another_method_is_one_clear_error(tmp_path):
+    from probgen.checkpoint import CheckpointError, save_checkpoint
+    from probgen.models import VAE, load_method
+
+    vae = VAE(4, likelihood="gaussian", hidden=(8,), latent_dim=2)
+    save_checkpoint(
+        tmp_path,
+        "best",
+        {f"model.{k}": v for k, v in vae.state_dict().items()},
+        {"method": "vae", "config": vae.config},
+    )
+    with pytest.raises(CheckpointError, match="Expected a checkpoint of method 'ddpm', but found 'vae'"):
+        load_method(tmp_path, expected="ddpm")
+    method, _ = load_method(tmp_path, expected="vae")
+    assert isinstance(method, VAE)
