@@ -96,6 +96,8 @@ class VAE(Method):
             self.log_scale = nn.Parameter(torch.zeros(data_dim))
         # Inputs to the encoder are rescaled to about [-1, 1] whatever the data's units.
         self.register_buffer("_in_scale", torch.tensor(2.0 / max(self.num_levels - 1, 1)))
+        self.register_buffer("_prior_loc", torch.zeros(latent_dim), persistent=False)
+        self.register_buffer("_prior_scale", torch.ones(latent_dim), persistent=False)
 
     @property
     def event_dim(self) -> int:
@@ -157,9 +159,8 @@ class VAE(Method):
     def model(self, x: torch.Tensor | None = None, batch_size: int | None = None) -> None:
         """Generative program. ``x``: ``(B, D)`` observations, or None to sample ``batch_size``."""
         num = self._batch_size(x, batch_size)
-        zeros = self._in_scale.new_zeros(self.latent_dim)
         with pyro.plate("data", num):
-            z = pyro.sample("z", dist.Normal(zeros, 1.0).to_event(1))
+            z = pyro.sample("z", dist.Normal(self._prior_loc, self._prior_scale).to_event(1))
             pyro.sample("x", self.likelihood_dist(z), obs=x)
 
     def guide(self, x: torch.Tensor | None = None, batch_size: int | None = None) -> None:
