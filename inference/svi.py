@@ -10,17 +10,20 @@ so the loss reads as nats per example. Parameters are updated by one native
 
 Minibatches are a deterministic function of ``(seed, step)``, and checkpoints
 hold parameters, optimizer state and RNG state, so a resumed run continues
-exactly as an uninterrupted one would. Under ``torchrun`` the same loop runs
-data-parallel with ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU).
+exactly as an uninterrupted one would. With ``ema_decay``, an exponential moving
+average of the parameters (Polyak averaging, as DDPM uses) is kept beside them and is
+what validation sees, what ``best`` holds and what the method holds on return. Under
+``torchrun`` the same loop runs data-parallel with ``DistributedDataParallel`` (gloo on CPU, NCCL on GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +142,7 @@ def fit(
     progress: bool = True,
     validate: bool = False,
     callback: Callable[[int, float], None] | None = None,
+    ema_decay: float | None = None,
 ) -> FitResult:
     r"""Fit a model/guide pair by stochastic variational inference.
 
@@ -176,16 +180,32 @@ def fit(
             shape and support errors at once); later steps skip the checks, and a
             non-finite loss is still caught at every step.
         callback: called as ``callback(step, loss)`` after every step.
+        ema_decay: keep an exponential moving average of the floating-point
+            parameters, :math:`\bar\theta \leftarrow d_t \bar\theta + (1 - d_t) \theta` after
+            every optimizer step ``t`` (1, 2, ...), starting from the initial parameters,
+            with the customary warm-up :math:`d_t = \min(d, (1 + t) / (10 + t))` so the
+            average is not dominated by the random initialization early on (Ho et al. 2020
+            use :math:`d = 0.9999`); buffers are copied, not averaged. Validation and the
+            ``best`` checkpoint use the averaged weights; ``last`` holds the raw weights
+            (``model.*``, to resume from) and the averaged ones (``ema.*``). None: no
+            average. Must lie in (0, 1).
 
     Returns:
         A :class:`FitResult`. On return the method holds the best parameters
-        when validation was used, else the last.
+        when validation was used, else the last (the averaged ones with
+        ``ema_decay``: the best average with validation, else the last average).
 
     Raises:
         TrainingError: on a non-finite loss, naming the step and the site to blame.
         KeyboardInterrupt: after saving ``last`` when interrupted.
     """
     _check_fit_args(data, val_data, steps, batch_size, lr, val_every, log_every, patience)
+    if ema_decay is not None and (
+        isinstance(ema_decay, bool)
+        or not isinstance(ema_decay, (int, float))
+        or not 0.0 < float(ema_decay) < 1.0
+    ):
+        raise ValueError(f"Expected ema_decay in (0, 1) or None, but found {ema_decay!r}.")
     if hasattr(method, "check_data"):
         method.check_data(data)
     if resume and run_dir is None:
@@ -212,8 +232,9 @@ def fit(
 
     result = FitResult(run_dir=run_dir)
     torch.manual_seed(seed + rank)  # Pyro samples from torch's global RNG; nothing else is seeded
+    ema = _EMA(method, float(ema_decay)) if ema_decay is not None else None
     if resume and has_checkpoint(run_dir, "last"):
-        _restore(run_dir, method, opt, result, device)
+        _restore(run_dir, method, opt, result, device, ema)
 
     def checkpoint(tag: str) -> None:
         if run_dir is None or not is_main:
@@ -228,6 +249,8 @@ def fit(
             fit=dict(steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed),
         )
         if tag == "last":
+            if ema is not None:
+                tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
             opt_tensors, opt_skeleton = flatten_state(opt.state_dict(), "optim")
             tensors.update(opt_tensors)
             tensors["rng.torch"] = torch.get_rng_state()
@@ -274,6 +297,8 @@ def fit(
                     nn.utils.clip_grad_norm_(method.parameters(), grad_clip)
                 opt.step()
                 result.step += 1
+                if ema is not None:
+                    ema.update(result.step)
                 loss_value = value.detach().item()
                 window.append(loss_value)
                 if callback is not None:
@@ -286,14 +311,15 @@ def fit(
                 bar.update(1)
                 if val_data is not None and (result.step % val_every == 0 or result.step == steps):
                     method.eval()
-                    score = float(val_fn(method, val_data))
-                    result.history["val"].append((result.step, score))
-                    if result.best_val is None or score < result.best_val:
-                        result.best_val, result.best_step, since_best = score, result.step, 0
-                        checkpoint("best")
-                        best_state = {k: v.detach().clone() for k, v in method.state_dict().items()}
-                    else:
-                        since_best += 1
+                    with ema.swapped() if ema is not None else contextlib.nullcontext():
+                        score = float(val_fn(method, val_data))
+                        result.history["val"].append((result.step, score))
+                        if result.best_val is None or score < result.best_val:
+                            result.best_val, result.best_step, since_best = score, result.step, 0
+                            checkpoint("best")
+                            best_state = {k: v.detach().clone() for k, v in method.state_dict().items()}
+                        else:
+                            since_best += 1
                     bar.set_postfix(loss=f"{loss_value:.4g}", val=f"{score:.4g}", refresh=False)
                     if patience is not None and since_best >= patience:
                         result.stopped_early = True
@@ -313,6 +339,10 @@ def fit(
             method.load_state_dict(best_state)
         elif run_dir is not None and has_checkpoint(run_dir, "best"):
             _load_model_state(method, load_checkpoint(run_dir, "best", device=device)[0])
+        elif ema is not None:
+            ema.copy_to_method()
+    elif ema is not None:
+        ema.copy_to_method()
     method.eval()
     return result
 
@@ -386,15 +416,70 @@ class _Minibatches:
         return self._perm[offset * self.batch_size : (offset + 1) * self.batch_size]
 
 
+class _EMA:
+    """Exponential moving average of a module's floating-point parameters (buffers are copied).
+
+    The averages are updated in place with one fused ``torch._foreach_lerp_`` per step.
+    """
+
+    def __init__(self, method: nn.Module, decay: float) -> None:
+        self.method, self.decay = method, decay
+        named = [(k, p) for k, p in method.named_parameters() if p.is_floating_point()]
+        self.names = [k for k, _ in named]
+        self.live = [p for _, p in named]
+        self.average = [p.detach().clone() for p in self.live]
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """Average in the parameters after optimizer step ``step`` (1-based), with the warm-up decay."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.live], 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's state dict with the averages in place of the parameters."""
+        state = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+        state.update(zip(self.names, self.average))
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load the averages from ``state`` (keys as in the method's state dict)."""
+        missing = [k for k in self.names if k not in state]
+        if missing:
+            raise ValueError(f"Expected EMA tensors for every parameter, but found none for {missing[:3]}.")
+        with torch.no_grad():
+            for k, avg in zip(self.names, self.average):
+                avg.copy_(state[k])
+
+    @torch.no_grad()
+    def copy_to_method(self) -> None:
+        """Overwrite the method's parameters with the averages."""
+        torch._foreach_copy_(self.live, self.average)
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        """Hold the averages in the method inside the block, the raw parameters again after it."""
+        raw = [p.detach().clone() for p in self.live]
+        self.copy_to_method()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.live, raw)
+
+
 def _load_model_state(method: nn.Module, tensors: Mapping[str, torch.Tensor]) -> None:
     state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     method.load_state_dict(state)
 
 
-def _restore(run_dir: Path, method: nn.Module, opt, result: FitResult, device) -> None:
+def _restore(run_dir: Path, method: nn.Module, opt, result: FitResult, device, ema: _EMA | None) -> None:
     tensors, info = load_checkpoint(run_dir, "last", device=device)
     meta = info["metadata"]
     _load_model_state(method, tensors)
+    if ema is not None:
+        ema_state = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
+        # A run started without an average starts one from the restored parameters.
+        ema.load_state_dict(ema_state if ema_state else method.state_dict())
     if "optimizer_state" in meta:
         opt.load_state_dict(unflatten_state(tensors, meta["optimizer_state"], "optim"))
     if "rng.torch" in tensors:

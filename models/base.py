@@ -157,7 +157,8 @@ def load_method(
             sampler or a teacher); a checkpoint of another method is an error.
 
     Returns:
-        ``(method, metadata)``: the method in eval mode and the checkpoint's
+        ``(method, metadata)``: the method in eval mode (with the averaged
+            weights ``ema.*`` where the run kept an EMA) and the checkpoint's
         metadata, with ``"tag"`` set to the checkpoint that was loaded.
 
     Raises:
@@ -195,13 +196,16 @@ def load_method(
         method = build(name, **config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot rebuild {name!r} from the config of {where}: {exc}") from exc
-    state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
-    expected = method.state_dict()
-    problems = [f"missing {k}" for k in expected if k not in state]
-    problems += [f"unexpected {k}" for k in state if k not in expected]
+    # A run trained with an EMA keeps the averaged weights as ema.* beside the raw model.*
+    # (which are for resuming); the average is the model to use.
+    prefix = "ema." if any(k.startswith("ema.") for k in tensors) else "model."
+    state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    needed = method.state_dict()
+    problems = [f"missing {k}" for k in needed if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in needed]
     problems += [
         f"{k} has shape {tuple(state[k].shape)} but the config needs {tuple(v.shape)}"
-        for k, v in expected.items()
+        for k, v in needed.items()
         if k in state and state[k].shape != v.shape
     ]
     if problems:

@@ -40,3 +40,24 @@ def test_ddpm_toy2d_tiny(tmp_path):
     for name in ("samples.png", "trajectories.png", "loss.png"):
         assert _is_png(out / name), name
     assert all(v >= 0 for v in report["sliced_wasserstein"].values())
+
+
+def test_ddpm_digits_tiny(tmp_path):
+    from probgen.checkpoint import load_checkpoint
+    from probgen.models import load_method
+
+    out = tmp_path / "ddpm_digits"
+    argv = ["--steps", "10", "--T", "20", "--nll-examples", "4", "--fd-samples", "32", "--ddim-steps", "5"]
+    report = _load("ddpm_digits").main(argv + ["--out", str(out), "--no-progress"])
+    for name in ("samples.png", "loss.png"):
+        assert _is_png(out / name), name
+    assert (out / "report.json").is_file()
+    assert report["test_nll_bits_per_dim"] > 0 and report["frechet_distance"] >= 0
+    # The run loads as a method (what `probgen sample/evaluate` do): the best checkpoint holds the
+    # EMA weights, and last holds them beside the raw ones.
+    method, meta = load_method(out)
+    assert meta["tag"] == "best" and method.T == 20
+    tensors, _ = load_checkpoint(out, "last")
+    assert any(k.startswith("ema.") for k in tensors)
+    with pytest.raises(SystemExit, match="already holds a run"):
+        _load("ddpm_digits").main(["--steps", "2", "--out", str(out), "--no-progress"])

@@ -191,3 +191,129 @@ def test_fit_rejects_bad_arguments(kwargs, message):
 def test_fit_rejects_mismatched_validation_data():
     with pytest.raises(ValueError, match="Expected val_data of shape"):
         fit(_small_vae(), torch.randn(64, 6), val_data=torch.randn(10, 5), progress=False)
+
+
+class UnitGaussianMean(PyroModule):
+    """x ~ N(loc, I): the loss per example is 0.5 ||x - loc||^2 + const, so SGD's iterates are known."""
+
+    def __init__(self, dim: int = 3) -> None:
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.zeros(dim))
+
+    def model(self, x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(self.loc, 1.0).to_event(1), obs=x)
+
+    def guide(self, x):
+        pass
+
+    def elbo(self):
+        return Trace_ELBO()
+
+
+def test_ema_of_sgd_on_a_quadratic_matches_closed_form(tmp_path):
+    # Full-batch SGD on 0.5 ||loc - m||^2: loc_k = m + (1 - lr)^k (loc_0 - m). The average starts at
+    # loc_0 and takes e_k = d_k e_{k-1} + (1 - d_k) loc_k with d_k = min(d, (1 + k) / (10 + k)).
+    x = _data(64)
+    m, lr, decay, steps = x.double().mean(0), 0.3, 0.6, 7
+    method = UnitGaussianMean()
+    seen = []
+    fit(
+        method,
+        x,
+        val_data=x[:8],
+        val_every=1,
+        val_fn=lambda mod, v: (seen.append(mod.loc.detach().clone()), -len(seen))[1],  # always improves
+        steps=steps,
+        batch_size=64,
+        lr=lr,
+        optimizer="sgd",
+        ema_decay=decay,
+        run_dir=tmp_path,
+        progress=False,
+    )
+    loc0 = torch.zeros(3, dtype=torch.float64)
+    ema, expected = loc0.clone(), []
+    for k in range(1, steps + 1):
+        d = min(decay, (1 + k) / (10 + k))
+        ema = d * ema + (1 - d) * (m + (1 - lr) ** k * (loc0 - m))
+        expected.append(ema.clone())
+    # Validation sees the average after every step; the method holds the best (= last) average.
+    assert len(seen) == steps
+    for got, want in zip(seen, expected):
+        assert_close(got.double(), want, atol=1e-5, rtol=0)
+    assert_close(method.loc.detach().double(), expected[-1], atol=1e-5, rtol=0)
+    tensors, _ = load_checkpoint(tmp_path, "last")
+    assert_close(tensors["model.loc"].double(), m + (1 - lr) ** steps * (loc0 - m), atol=1e-5, rtol=0)
+    assert_close(tensors["ema.loc"].double(), expected[-1], atol=1e-5, rtol=0)
+    best, _ = load_checkpoint(tmp_path, "best")
+    assert torch.equal(best["model.loc"], tensors["ema.loc"])
+
+
+def test_resume_with_ema_continues_exactly(tmp_path):
+    x = torch.randn(200, 6)
+    kwargs = dict(batch_size=32, seed=3, progress=False, ema_decay=0.9)
+    full, losses_full = _small_vae(), []
+    fit(full, x, steps=30, run_dir=tmp_path / "full", callback=lambda s, v: losses_full.append(v), **kwargs)
+
+    part, losses_part = _small_vae(), []
+    fit(
+        part,
+        x,
+        steps=15,
+        run_dir=tmp_path / "part",
+        checkpoint_every=15,
+        callback=lambda s, v: losses_part.append(v),
+        **kwargs,
+    )
+    torch.manual_seed(12345)
+    resumed = _small_vae()
+    fit(
+        resumed,
+        x,
+        steps=30,
+        run_dir=tmp_path / "part",
+        resume=True,
+        callback=lambda s, v: losses_part.append(v),
+        **kwargs,
+    )
+    assert losses_part == losses_full
+    a, _ = load_checkpoint(tmp_path / "full", "last")
+    b, _ = load_checkpoint(tmp_path / "part", "last")
+    assert any(k.startswith("ema.") for k in a) and a.keys() == b.keys()
+    for k in a:
+        if k.startswith(("model.", "ema.")):
+            assert torch.equal(a[k], b[k]), k
+    # On return the methods hold the averages, which differ from the raw weights.
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, a[f"ema.{name}"]) and torch.equal(value, full.state_dict()[name])
+    assert not torch.equal(a["ema.log_scale"], a["model.log_scale"])
+
+
+@pytest.mark.parametrize("decay", [0.0, 1.0, -0.5, 1.5, True, "0.9"])
+def test_fit_rejects_bad_ema_decay(decay):
+    with pytest.raises(ValueError, match=r"Expected ema_decay in \(0, 1\)"):
+        fit(_small_vae(), torch.randn(64, 6), batch_size=16, progress=False, ema_decay=decay)
+
+
+def test_load_method_prefers_the_averaged_weights(tmp_path):
+    from probgen.models import load_method
+
+    x = torch.randn(64, 6)
+    method = _small_vae()
+    fit(
+        method,
+        x,
+        steps=30,
+        batch_size=16,
+        ema_decay=0.9,
+        run_dir=tmp_path,
+        progress=False,
+        metadata={"method": "vae", "config": method.config},
+    )
+    loaded, _ = load_method(tmp_path, "last")
+    tensors, _ = load_checkpoint(tmp_path, "last")
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, tensors[f"ema.{name}"])
+    raw = [k for k in tensors if k.startswith("model.") and "log_scale" in k]
+    assert raw and not torch.equal(tensors[raw[0]], tensors["ema." + raw[0][len("model.") :]])

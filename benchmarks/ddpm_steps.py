@@ -1,0 +1,178 @@
+"""DDPM sample quality per number of sampling steps: ancestral (T steps) against DDIM (eta = 0).
+
+One trained model per data set, every sampler from the same starting noise seed:
+
+* a 2-D toy (default ``eight_gaussians``): a DDPM trained here (or loaded with ``--toy-run DIR``),
+  the sliced Wasserstein distance of 5,000 samples to 5,000 test points, next to the
+  data-vs-data floor (validation vs test points);
+* digits, when ``--digits-run DIR`` names a run of ``examples/ddpm_digits.py``: the Fréchet
+  distance of the protocol between ``--digits-samples`` samples and the test split, next to the
+  floor of as many training images against the test split.
+
+The issue's target is DDIM at 50 steps within 1.2x of ancestral sampling's distance; the
+ratio ``DDIM-50 / ancestral`` is printed per data set.
+
+    python benchmarks/ddpm_steps.py                                    # toy only, ~5 min on 2 CPU cores
+    python benchmarks/ddpm_steps.py --digits-run out/ddpm_digits --out out/ddpm_steps
+
+Writes ``OUT/ddpm_steps.md`` (Markdown table), ``OUT/ddpm_steps.json`` and ``OUT/ddpm_steps.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from probgen.checkpoint import write_json_atomic
+from probgen.data import TOYS, load_dataset
+from probgen.inference import ancestral_sample, ddim_sample, fit
+from probgen.metrics import digits_frechet_distance, sliced_wasserstein
+from probgen.models import DDPM, load_method
+from probgen.plotting import save_line_plot
+
+DDIM_STEPS = (10, 20, 50, 100)
+
+
+def sweep(method: DDPM, num: int, distance, ddim_steps, seed: int) -> list[dict]:
+    """Distance of ancestral and DDIM samples (same seed for every sampler), with timings."""
+    rows = []
+    start = time.perf_counter()
+    x = ancestral_sample(method, num, generator=torch.Generator().manual_seed(seed))
+    rows.append(
+        dict(sampler="ancestral", steps=method.T, distance=distance(x), seconds=time.perf_counter() - start)
+    )
+    for s in ddim_steps:
+        if s > method.T:
+            continue
+        start = time.perf_counter()
+        x = ddim_sample(method, num, steps=s, eta=0.0, generator=torch.Generator().manual_seed(seed))
+        rows.append(dict(sampler="DDIM", steps=s, distance=distance(x), seconds=time.perf_counter() - start))
+    return rows
+
+
+def toy_model(args) -> tuple[DDPM, str, dict]:
+    if args.toy_run is not None:
+        method, meta = load_method(args.toy_run)
+        return method, meta["data"], {"run": str(args.toy_run), "tag": meta["tag"]}
+    train = load_dataset(args.toy, "train")
+    torch.manual_seed(args.seed)
+    method = DDPM.from_data(train, weighting=args.weighting, variance=args.variance)
+    start = time.perf_counter()
+    fit(
+        method,
+        train.x,
+        steps=args.train_steps,
+        batch_size=256,
+        lr=1e-3,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    info = dict(
+        train_steps=args.train_steps,
+        weighting=args.weighting,
+        variance=args.variance,
+        ema_decay=args.ema_decay,
+        train_seconds=time.perf_counter() - start,
+    )
+    return method, args.toy, info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--toy", choices=TOYS, default="eight_gaussians")
+    parser.add_argument("--toy-run", type=Path, default=None, help="use this trained toy run instead")
+    parser.add_argument("--train-steps", type=int, default=6000)
+    parser.add_argument("--weighting", choices=("simple", "elbo"), default="simple")
+    parser.add_argument("--variance", choices=("beta", "beta_tilde"), default="beta")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="0 for none")
+    parser.add_argument("--toy-samples", type=int, default=5000)
+    parser.add_argument("--digits-run", type=Path, default=None)
+    parser.add_argument("--digits-samples", type=int, default=500)
+    parser.add_argument("--ddim-steps", type=int, nargs="+", default=list(DDIM_STEPS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("out/ddpm_steps"))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    args.ema_decay = args.ema_decay or None
+    torch.set_num_threads(args.threads)
+
+    report: dict = {}
+    method, toy, info = toy_model(args)
+    test, val = load_dataset(toy, "test"), load_dataset(toy, "val")
+    n = min(args.toy_samples, test.x.shape[0])
+    ref = test.x[:n]
+    report[toy] = dict(
+        metric="sliced Wasserstein-2",
+        model=info,
+        floor=sliced_wasserstein(val.x[:n], ref),
+        rows=sweep(method, n, lambda x: sliced_wasserstein(x, ref), args.ddim_steps, args.seed),
+    )
+    if args.digits_run is not None:
+        if (args.digits_run / "last.json").is_file() or (args.digits_run / "best.json").is_file():
+            digits, meta = load_method(args.digits_run)
+            test_d, train_d = load_dataset("digits", "test"), load_dataset("digits", "train")
+            m = args.digits_samples
+            report["digits"] = dict(
+                metric="Fréchet distance (digits classifier features)",
+                model={"run": str(args.digits_run), "tag": meta["tag"]},
+                floor=digits_frechet_distance(train_d.x[:m], test_d.x),
+                rows=sweep(
+                    digits, m, lambda x: digits_frechet_distance(x, test_d.x), args.ddim_steps, args.seed
+                ),
+            )
+        else:
+            print(f"skipping digits: no run in {args.digits_run}")
+
+    lines, series = [], {}
+    for name, res in report.items():
+        rows = res["rows"]
+        anc = rows[0]["distance"]
+        ddim50 = next((r["distance"] for r in rows if r["sampler"] == "DDIM" and r["steps"] == 50), None)
+        res["ddim50_over_ancestral"] = None if ddim50 is None else ddim50 / anc
+        lines += [
+            f"### {name}: {res['metric']} (floor, data vs data: {res['floor']:.4f})",
+            "",
+            "| sampler | steps | distance | / ancestral | seconds |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        lines += [
+            f"| {r['sampler']} | {r['steps']} | {r['distance']:.4f} | {r['distance'] / anc:.2f} | "
+            f"{r['seconds']:.1f} |"
+            for r in rows
+        ]
+        if ddim50 is not None:
+            lines.append(
+                f"\nDDIM-50 / ancestral-{rows[0]['steps']}: **{ddim50 / anc:.2f}x** (target <= 1.2x)"
+            )
+        lines.append("")
+        ddim = [r for r in rows if r["sampler"] == "DDIM"]
+        series[f"{name}: DDIM (eta=0)"] = (
+            [r["steps"] for r in ddim],
+            [r["distance"] / res["floor"] for r in ddim],
+        )
+        series[f"{name}: ancestral"] = ([rows[0]["steps"]], [anc / res["floor"]])
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ddpm_steps.md").write_text(table + "\n")
+    write_json_atomic(args.out / "ddpm_steps.json", report)
+    save_line_plot(
+        series,
+        args.out / "ddpm_steps.png",
+        xlabel="sampling steps (network evaluations)",
+        ylabel="distance / data-vs-data floor",
+        title="DDPM: sample quality per step count",
+        logx=True,
+        logy=True,
+    )
+    print(f"wrote {args.out}/ddpm_steps.md, ddpm_steps.json, ddpm_steps.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
