@@ -28,11 +28,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import pyro
 import torch
+from timing import measure  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
 
 from probgen.data import load_dataset
 from probgen.inference import ELBOLoss, ancestral_sample
@@ -82,21 +81,6 @@ def train_steps(ddpm: DDPM, x: torch.Tensor, lr: float) -> dict:
         opt_hand.step()
 
     return {"hand": hand_step, "pyro": pyro_step}
-
-
-def measure(fns: dict, rounds: int, n: int, warmup: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median and minimum over rounds of the mean time per call in ms; variants interleaved per round."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(rounds):
-        for name in list(fns) if r % 2 == 0 else list(reversed(fns)):
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fns[name]()
-            times[name].append((time.perf_counter() - t0) / n * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:

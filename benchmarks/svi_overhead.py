@@ -28,13 +28,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
-import time
 
 import pyro
 import pyro.optim
 import torch
 from pyro.infer import SVI
+from timing import measure  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
 from torch.distributions import Normal, kl_divergence
 
 from probgen.data import load_dataset
@@ -93,26 +92,6 @@ def make_steps(vae: VAE, x: torch.Tensor, lr: float) -> dict:
     steps["hand"], steps["pyro"], steps["pyro.optim"] = hand_step, pyro_step, svi_step
     steps["pyro_validated"] = pyro_validated_step
     return steps
-
-
-def measure(steps: dict, rounds: int, n: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median and minimum over rounds of the mean step time in ms; variants interleaved in each round.
-
-    On a shared machine the minimum is the least disturbed estimate; both are reported.
-    """
-    for fn in steps.values():  # warm up
-        for _ in range(10):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for r in range(rounds):
-        order = list(steps) if r % 2 == 0 else list(reversed(steps))
-        for name in order:
-            fn = steps[name]
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            times[name].append((time.perf_counter() - t0) / n * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()}
 
 
 def main() -> None:
