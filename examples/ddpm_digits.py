@@ -28,7 +28,6 @@ run's checkpoints (``probgen sample OUT ...`` and ``probgen evaluate OUT`` work 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -164,4 +163,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    json.dumps(main())
+    main()

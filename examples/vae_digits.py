@@ -17,7 +17,6 @@ checkpoints (``probgen sample OUT ...`` and ``probgen evaluate OUT`` work on the
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -136,4 +135,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    json.dumps(main())
+    main()

@@ -205,11 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(images) or a scatter over the test data (2-D data).",
         formatter_class=fmt,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'probgen train'")
+    _add_run_arguments(p)
     p.add_argument("--num", type=_positive_int, default=64, help="number of samples (default 64)")
     p.add_argument("--out", required=True, metavar="FILE.png", help="where to write the plot")
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--tag", default=None, help="checkpoint to load: best or last (default best, else last)")
     p.add_argument("--npz", metavar="FILE.npz", default=None, help="also save the raw samples")
     _add_sampler_arguments(p)
     p.add_argument("--device", default="cpu", help="device to sample on (default cpu)")
@@ -224,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
         "coverage for toys), each next to its data-vs-data floor. Prints a table and writes JSON.",
         formatter_class=fmt,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'probgen train'")
+    _add_run_arguments(p)
     p.add_argument(
         "--num-samples",
         type=_positive_int,
@@ -239,7 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="evaluation seed (default 0)")
     _add_sampler_arguments(p)
-    p.add_argument("--tag", default=None, help="checkpoint to load: best or last (default best, else last)")
     p.add_argument(
         "--json", metavar="FILE", default=None, help="JSON output (default RUN_DIR/evaluation.json)"
     )
@@ -253,10 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and print every site (distribution, shapes, log-prob) and the parts of the ELBO.",
         formatter_class=fmt,
     )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'probgen train'")
+    _add_run_arguments(p)
     p.add_argument("--batch", type=_positive_int, default=8, help="number of test examples (default 8)")
     p.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of the guide's samples (default 0)")
-    p.add_argument("--tag", default=None, help="checkpoint to load: best or last (default best, else last)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the table as JSON")
     p.set_defaults(func=_cmd_inspect)
 
@@ -278,6 +275,11 @@ def _one_line(exc: BaseException | str) -> str:
 
 def _fail(message: BaseException | str) -> None:
     print(f"{_PROG}: error: {_one_line(message)}", file=sys.stderr)
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'probgen train'")
+    p.add_argument("--tag", default=None, help="checkpoint to load: best or last (default best, else last)")
 
 
 def _add_sampler_arguments(p: argparse.ArgumentParser) -> None:
