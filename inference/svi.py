@@ -246,7 +246,9 @@ def fit(
             best_step=result.best_step,
             best_val=result.best_val,
             history=result.history,
-            fit=dict(steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed),
+            fit=dict(
+                steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, ema_decay=ema_decay
+            ),
         )
         if tag == "last":
             if ema is not None:

@@ -45,7 +45,15 @@ from probgen.data import TOYS, DataError, load_dataset, toy_entropy
 __all__ = ["main", "build_parser"]
 
 _PROG = "probgen"
-_DEFAULTS = {"steps": 3000, "batch_size": 128, "lr": 1e-3, "seed": 0, "val_every": 50, "patience": 20}
+_DEFAULTS = {
+    "steps": 3000,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "seed": 0,
+    "val_every": 50,
+    "patience": 20,
+    "ema_decay": None,
+}
 
 
 class UsageError(ValueError):
@@ -80,6 +88,7 @@ def _number(kind: type, what: str, ok) -> Any:
 _positive_int = _number(int, "a positive integer", lambda v: v >= 1)
 _nonnegative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
 _positive_float = _number(float, "a positive finite number", lambda v: math.isfinite(v) and v > 0)
+_decay = _number(float, "a number strictly between 0 and 1", lambda v: 0 < v < 1)
 
 
 def _setting(text: str) -> tuple[str, Any]:
@@ -183,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"stop after P validations without improvement; 0 never stops early "
         f"(default {_DEFAULTS['patience']})",
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=_decay,
+        default=None,
+        help="keep an exponential moving average of the weights with this decay in (0, 1), e.g. 0.999; "
+        "checkpoints, sampling and evaluation then use the average (default: none, or the saved run's)",
     )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in RUN_DIR to --steps")
@@ -426,6 +442,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             resume=args.resume,
             metadata=metadata,
             progress=not args.no_progress,
+            ema_decay=settings["ema_decay"],
         )
     except KeyboardInterrupt:
         at = _saved_step(run_dir)

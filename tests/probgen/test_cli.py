@@ -293,6 +293,8 @@ def test_training_error_exits_1_and_keeps_checkpoints(run_copy, monkeypatch, cap
         (["train", "vae", "--data", "digits", "--set", "no_such_arg=1"], "no_such_arg"),
         (["train", "vae", "--data", "digits", "--set", "likelihood=poisson"], "poisson"),
         (["train", "vae", "--data", "digits", "--device", "tpu"], "tpu"),
+        (["train", "vae", "--data", "digits", "--ema-decay", "1"], "--ema-decay"),
+        (["train", "vae", "--data", "digits", "--ema-decay", "0"], "--ema-decay"),
         (["train", "vae", "--data", str(Path(__file__).with_suffix(".npz"))], ".npz"),
         (["frobnicate"], "frobnicate"),
         ([], "COMMAND"),
@@ -305,6 +307,23 @@ def test_bad_training_input_exits_2_with_one_line(tmp_path, capsys, argv, needle
     assert main(argv) == 2
     _assert_one_line_error(capsys, needle)
     assert not out.exists()
+
+
+def test_ema_decay_keeps_an_average_that_sampling_loads(tmp_path, capsys):
+    run_dir = tmp_path / "ema"
+    assert _train(run_dir, "eight_gaussians", "--ema-decay", "0.9") == 0
+    tensors, info = load_checkpoint(run_dir, "last")
+    assert info["metadata"]["fit"]["ema_decay"] == 0.9
+    raw = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
+    assert set(ema) == set(raw) and any(not torch.equal(ema[k], raw[k]) for k in raw)
+    method, _ = load_method(run_dir, "last")
+    for k, v in method.state_dict().items():
+        assert torch.equal(v, ema[k]), k
+    # A resumed run keeps the saved decay without repeating the flag.
+    resume = ["train", "vae", "--data", "eight_gaussians", "--out", str(run_dir), "--resume", "--steps", "30"]
+    assert main([*resume, "--no-progress", "--device", "cpu"]) == 0
+    assert load_checkpoint(run_dir, "last")[1]["metadata"]["fit"]["ema_decay"] == 0.9
 
 
 @pytest.mark.parametrize("command", ["sample", "evaluate", "inspect"])
