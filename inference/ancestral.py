@@ -154,6 +154,7 @@ def ddim_sample(
     steps: int = 50,
     eta: float = 0.0,
     x_T: Tensor | None = None,
+    final: str = "mode",
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
@@ -170,8 +171,11 @@ def ddim_sample(
         \sqrt{1 - \frac{\bar\alpha_{\tau_i}}{\bar\alpha_{\tau_{i-1}}}},
 
     so ``eta = 0`` is deterministic given :math:`x_T` and the last state is :math:`\hat x_0`
-    at step 1, i.e. the decoder's location :math:`\mu_\theta(x_1, 1)`. For the discretized
-    decoder it is returned as the level whose bin holds it (the decoder's mode).
+    at step 1, i.e. the decoder's location :math:`\mu_\theta(x_1, 1)`. With ``final="mode"``
+    (the paper's choice) that location is the sample; for the discretized decoder it is returned
+    as the level whose bin holds it (the decoder's mode). With ``final="sample"`` the last state
+    is drawn from the model's own decoder :math:`p_\theta(x_0 \mid x_1)` at that location
+    (what ancestral sampling does at its last step), so the output has the decoder's spread.
 
     Args:
         ddpm: a :class:`~probgen.models.DDPM`.
@@ -180,6 +184,7 @@ def ddim_sample(
         eta: :math:`\eta \in [0, 1]`; 1 with ``steps = T`` is ancestral sampling with
             :math:`\sigma_t^2 = \tilde\beta_t`.
         x_T: initial states ``(B, D)``; default drawn from :math:`\mathcal N(0, I)`.
+        final: ``"mode"`` or ``"sample"``: how the last state becomes a sample (see above).
         generator: source of randomness (see the module docstring); default the global RNG.
         return_trajectory: also return the states.
         progress: show a progress bar over the steps.
@@ -191,6 +196,8 @@ def ddim_sample(
     num = _check_num(num)
     if not 0.0 <= float(eta) <= 1.0:
         raise ValueError(f"Expected eta in [0, 1], but found {eta!r}.")
+    if final not in ("mode", "sample"):
+        raise ValueError(f"Expected final in ('mode', 'sample'), but found {final!r}.")
     ts = ddim_timesteps(ddpm.T, steps)
     like = ddpm._anchor
     if x_T is not None and tuple(x_T.shape) != (num, ddpm.data_dim):
@@ -211,6 +218,13 @@ def ddim_sample(
                 x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype)
             if states is not None:
                 states.append(x)
+        if final == "sample":
+            # At t = 1 the decoder's location mu_theta(x_1, 1) is x0_hat (the last update's x).
+            scale = ddpm.tables(like).sigma[0]
+            out = ddpm.decoder_dist(x, scale).sample()
+            if not return_trajectory:
+                return out
+            return out, torch.stack(states)
     out = x
     if ddpm.decoder == "discretized":
         out = ((x + 1) * (ddpm.num_levels / 2)).floor().clamp(0, ddpm.num_levels - 1)

@@ -98,6 +98,21 @@ def test_ddim_with_every_step_matches_gaussian_data(eta):
     assert_moments(xs, MU, COV)
 
 
+def test_ddim_final_sample_draws_the_decoder_around_the_mode():
+    # Same x_T, eta = 0: "sample" is the decoder N(mode, sigma_1^2 I) around the "mode" output, so
+    # the differences are N(0, sigma_1^2): mean within 4 standard errors sigma_1 / sqrt(n), and
+    # std within 4 standard errors sigma_1 / sqrt(2 n) of sigma_1 (n = 2 x 4000 coordinates).
+    ddpm = oracle_ddpm(T=100)
+    x_T = torch.randn(4000, 2, generator=torch.Generator().manual_seed(3))
+    mode = ddim_sample(ddpm, 4000, steps=10, x_T=x_T)
+    draw = ddim_sample(
+        ddpm, 4000, steps=10, x_T=x_T, final="sample", generator=torch.Generator().manual_seed(4)
+    )
+    diff, sigma1, n = (draw - mode).double().flatten(), float(ddpm.tables(x_T).sigma[0]), 8000
+    assert abs(diff.mean()) < 4 * sigma1 / math.sqrt(n)
+    assert abs(diff.std() - sigma1) < 4 * sigma1 / math.sqrt(2 * n)
+
+
 def test_start_from_noised_data_and_trajectory():
     ddpm = oracle_ddpm(T=1000)
     x0 = gaussian_data(10_000, seed=4)
@@ -163,3 +178,5 @@ def test_bad_input():
         ddim_sample(ddpm, 2, steps=5, eta=1.5)
     with pytest.raises(ValueError, match=r"Expected x_T of shape \(2, 2\)"):
         ddim_sample(ddpm, 2, steps=5, x_T=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"Expected final in"):
+        ddim_sample(ddpm, 2, steps=5, final="mean")
