@@ -137,13 +137,28 @@ def ancestral_sample(
     return out, torch.stack(states)
 
 
-def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """``steps`` evenly spaced steps from T down to 1 (both included), as ints in descending order."""
+def ddim_timesteps(T: int, steps: int, spacing: str = "linear") -> list[int]:
+    """``steps`` steps from T down to 1 (both included), as ints in descending order.
+
+    ``spacing="linear"`` spaces them evenly; ``"quadratic"`` places step i (of 0..S-1) at
+    :math:`1 + (T - 1) (i / (S - 1))^2`, so more of them fall near the data, where the
+    details of a sample are decided (the two selections of Song, Meng & Ermon 2021, sec. D.2).
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
         raise ValueError(f"Expected steps in [1, {T}], but found {steps!r}.")
+    if spacing not in ("linear", "quadratic"):
+        raise ValueError(f"Expected spacing in ('linear', 'quadratic'), but found {spacing!r}.")
     if steps == 1:
         return [T]
-    return sorted({int(math.floor(1 + i * (T - 1) / (steps - 1) + 0.5)) for i in range(steps)}, reverse=True)
+    if spacing == "linear":
+        return sorted(
+            {int(math.floor(1 + i * (T - 1) / (steps - 1) + 0.5)) for i in range(steps)}, reverse=True
+        )
+    ts = [T]  # from the top down, each step at least one below the last and leaving room below
+    for i in range(steps - 2, -1, -1):
+        t = int(math.floor(1 + (T - 1) * (i / (steps - 1)) ** 2 + 0.5))
+        ts.append(max(min(t, ts[-1] - 1), i + 1))
+    return ts
 
 
 @torch.no_grad()
@@ -155,6 +170,7 @@ def ddim_sample(
     eta: float = 0.0,
     x_T: Tensor | None = None,
     final: str = "mode",
+    spacing: str = "linear",
     generator: torch.Generator | None = None,
     return_trajectory: bool = False,
     progress: bool = False,
@@ -185,6 +201,7 @@ def ddim_sample(
             :math:`\sigma_t^2 = \tilde\beta_t`.
         x_T: initial states ``(B, D)``; default drawn from :math:`\mathcal N(0, I)`.
         final: ``"mode"`` or ``"sample"``: how the last state becomes a sample (see above).
+        spacing: ``"linear"`` or ``"quadratic"`` choice of the S steps (:func:`ddim_timesteps`).
         generator: source of randomness (see the module docstring); default the global RNG.
         return_trajectory: also return the states.
         progress: show a progress bar over the steps.
@@ -198,7 +215,7 @@ def ddim_sample(
         raise ValueError(f"Expected eta in [0, 1], but found {eta!r}.")
     if final not in ("mode", "sample"):
         raise ValueError(f"Expected final in ('mode', 'sample'), but found {final!r}.")
-    ts = ddim_timesteps(ddpm.T, steps)
+    ts = ddim_timesteps(ddpm.T, steps, spacing)
     like = ddpm._anchor
     if x_T is not None and tuple(x_T.shape) != (num, ddpm.data_dim):
         raise ValueError(f"Expected x_T of shape ({num}, {ddpm.data_dim}), but found {tuple(x_T.shape)}.")

@@ -198,6 +198,8 @@ def evaluate(
     seed: int = 0,
     sampler: str = "ancestral",
     sampler_steps: int | None = None,
+    eta: float = 0.0,
+    sampler_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     r"""Evaluate ``method`` on the test split of ``dataset_name``: NLL and sample quality.
 
@@ -211,6 +213,10 @@ def evaluate(
         num_generated: number of samples drawn for the sample-quality metrics.
         seed: seeds a forked RNG for the likelihood and for sampling; the global
             stream is untouched.
+        sampler: the sampler of the generated samples (:func:`~probgen.inference.sampling.draw_samples`).
+        sampler_steps: its number of steps (None: the sampler's default).
+        eta: stochasticity of DDIM-like samplers.
+        sampler_options: further keyword arguments of the sampler.
 
     Returns:
         A JSON-serializable dict::
@@ -243,7 +249,15 @@ def evaluate(
 
     start = time.perf_counter()
     with torch.no_grad():
-        generated = draw_samples(method, num_generated, sampler=sampler, steps=sampler_steps, seed=seed + 1)
+        generated = draw_samples(
+            method,
+            num_generated,
+            sampler=sampler,
+            steps=sampler_steps,
+            eta=eta,
+            seed=seed + 1,
+            options=sampler_options,
+        )
         generated = generated.detach().to("cpu", torch.float32)
     seconds["sampling"] = time.perf_counter() - start
     generated = generated.reshape(num_generated, -1)
@@ -253,6 +267,8 @@ def evaluate(
         "num_generated": num_generated,
         "sampler": sampler,
         "sampler_steps": sampler_steps,
+        "eta": eta,
+        "sampler_options": dict(sampler_options or {}),
     }
     if name == "digits":
         levels = to_levels(generated, form, test_int.num_levels)

@@ -21,7 +21,11 @@ _SAMPLERS: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
 
 
 def register_sampler(method_name: str, sampler_name: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Register ``fn(method, num, *, steps, eta, generator) -> (num, D)`` as ``sampler_name``."""
+    """Register ``fn(method, num, *, steps, eta, generator, **options) -> (num, D)`` as ``sampler_name``.
+
+    ``options`` are the sampler's own keyword arguments (e.g. DDIM's ``spacing``); a sampler
+    rejects the ones it does not know with a ``TypeError`` or ``ValueError``.
+    """
     _SAMPLERS[(method_name, sampler_name)] = fn
 
 
@@ -38,6 +42,7 @@ def draw_samples(
     steps: int | None = None,
     eta: float = 0.0,
     seed: int | None = 0,
+    options: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Draw ``num`` samples, ``(num, D)``, from ``method`` with the named sampler.
 
@@ -48,18 +53,30 @@ def draw_samples(
         steps: number of steps, for samplers that take one.
         eta: stochasticity of DDIM-like samplers.
         seed: seeds a private generator (None: the global RNG).
+        options: further keyword arguments of the sampler (e.g. ``{"spacing": "quadratic"}``
+            for DDIM).
     """
     name = getattr(method, "name", "") or type(method).__name__
     fn = _SAMPLERS.get((name, sampler))
     if fn is None and sampler != "ancestral":
         raise ValueError(f"Expected a sampler in {samplers_for(name)} for {name}, but found {sampler!r}.")
     generator = None if seed is None else torch.Generator(device=_device(method)).manual_seed(seed)
+    options = dict(options or {})
     if fn is None:
+        if options:
+            raise ValueError(f"Expected no options for the ancestral sampler of {name}, but found {options}.")
         with torch.random.fork_rng(devices=_cuda(method)):
             if seed is not None:
                 torch.manual_seed(seed)
             return method.sample(num)
-    return fn(method, num, steps=steps, eta=eta, generator=generator)
+    try:
+        return fn(method, num, steps=steps, eta=eta, generator=generator, **options)
+    except TypeError as exc:
+        if options and "unexpected keyword argument" in str(exc):
+            raise ValueError(
+                f"Expected options of the {sampler!r} sampler, but found {options}: {exc}"
+            ) from exc
+        raise
 
 
 def _device(method: nn.Module) -> torch.device:
@@ -76,8 +93,19 @@ def _ddpm_ancestral(method, num: int, *, steps: Any, eta: float, generator) -> t
     return ancestral_sample(method, num, generator=generator)
 
 
-def _ddpm_ddim(method, num: int, *, steps: int | None, eta: float, generator) -> torch.Tensor:
-    return ddim_sample(method, num, steps=steps or 50, eta=eta, generator=generator)
+def _ddpm_ddim(
+    method,
+    num: int,
+    *,
+    steps: int | None,
+    eta: float,
+    generator,
+    spacing: str = "linear",
+    final: str = "mode",
+) -> torch.Tensor:
+    return ddim_sample(
+        method, num, steps=steps or 50, eta=eta, spacing=spacing, final=final, generator=generator
+    )
 
 
 register_sampler("ddpm", "ancestral", _ddpm_ancestral)

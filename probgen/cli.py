@@ -311,13 +311,30 @@ def _add_sampler_arguments(p: argparse.ArgumentParser) -> None:
         help="number of sampler steps, for samplers that take one (ddim: default 50)",
     )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default 0)")
+    p.add_argument(
+        "--option",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a further option of the sampler, VALUE read as JSON else as a string "
+        "(e.g. ddim: --option spacing=quadratic --option final=sample)",
+    )
 
 
 def _sample(method, num: int, seed: int, args: argparse.Namespace) -> torch.Tensor:
     from probgen.inference.sampling import draw_samples
 
     with torch.no_grad():
-        x = draw_samples(method, num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=seed)
+        x = draw_samples(
+            method,
+            num,
+            sampler=args.sampler,
+            steps=args.steps,
+            eta=args.eta,
+            seed=seed,
+            options=dict(args.option),
+        )
     return x.detach().to("cpu", torch.float32)
 
 
@@ -582,6 +599,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         sampler=args.sampler,
         sampler_steps=args.steps,
+        eta=args.eta,
+        sampler_options=dict(args.option),
     )
     report["checkpoint"] = {"run_dir": str(args.run_dir), "tag": meta["tag"], "step": meta.get("step")}
     path = Path(args.json) if args.json else Path(args.run_dir) / "evaluation.json"

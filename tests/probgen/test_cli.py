@@ -326,6 +326,37 @@ def test_ema_decay_keeps_an_average_that_sampling_loads(tmp_path, capsys):
     assert load_checkpoint(run_dir, "last")[1]["metadata"]["fit"]["ema_decay"] == 0.9
 
 
+def test_ddpm_ddim_sampler_and_its_options(tmp_path, capsys):
+    run_dir = tmp_path / "ddpm"
+    argv = ["train", "ddpm", "--data", "eight_gaussians", "--out", str(run_dir), "--steps", "10"]
+    tiny = [
+        "--set",
+        "T=20",
+        "--set",
+        "hidden=[16]",
+        "--set",
+        "embed_dim=8",
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
+    assert main([*argv, *tiny]) == 0
+    png, npz = tmp_path / "s.png", tmp_path / "s.npz"
+    sampler = ["--sampler", "ddim", "--steps", "5", "--eta", "0.5", "--option", "spacing=quadratic"]
+    assert main(["sample", str(run_dir), "--num", "50", "--out", str(png), "--npz", str(npz), *sampler]) == 0
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    assert main(["evaluate", str(run_dir), "--num-samples", "1", "--num-generated", "64", *sampler]) == 0
+    report = read_json(run_dir / "evaluation.json")["samples"]
+    assert report["sampler"] == "ddim" and report["sampler_steps"] == 5 and report["eta"] == 0.5
+    assert report["sampler_options"] == {"spacing": "quadratic"}
+    capsys.readouterr()
+    bad = ["sample", str(run_dir), "--num", "5", "--out", str(png), "--sampler", "ddim", "--steps", "5"]
+    assert main([*bad, "--option", "spacing=cubic"]) == 2
+    _assert_one_line_error(capsys, "spacing")
+    assert main([*bad, "--option", "colour=red"]) == 2
+    _assert_one_line_error(capsys, "colour")
+
+
 @pytest.mark.parametrize("command", ["sample", "evaluate", "inspect"])
 def test_missing_run_dir_exits_2(tmp_path, capsys, command):
     extra = ["--out", str(tmp_path / "s.png")] if command == "sample" else []
