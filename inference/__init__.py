@@ -1,14 +1,40 @@
 """Algorithms that take probabilistic programs, score functions and SDEs."""
 
+from probgen.inference.adversarial import (
+    AdversarialResult,
+    discriminator_loss,
+    fit_adversarial,
+    generated_batch,
+    generator_loss,
+    register_trainer,
+    trainer_for,
+)
 from probgen.inference.ancestral import ancestral_sample, ddim_sample, ddim_timesteps
 from probgen.inference.discrete_langevin import DMALA, DULA, DiscreteLangevin, dlp_proposal
 from probgen.inference.evaluate import evaluate, log_likelihood, register_likelihood
 from probgen.inference.inspect import TraceReport, inspect_trace
+from probgen.inference.langevin import (
+    annealed_langevin,
+    check_sigmas,
+    langevin_corrector,
+    langevin_sde_sample,
+)
 from probgen.inference.likelihood import ddpm_bits_per_dim, ddpm_nll, iwae_bits_per_dim, iwae_log_likelihood
 from probgen.inference.mcmc import MALA, SGLD, ULA, KineticLangevin, LangevinKernel
 from probgen.inference.svi import ELBOLoss, FitResult, TrainingError, elbo_per_example, fit
 
 __all__ = [
+    "AdversarialResult",
+    "discriminator_loss",
+    "fit_adversarial",
+    "generated_batch",
+    "generator_loss",
+    "register_trainer",
+    "trainer_for",
+    "annealed_langevin",
+    "check_sigmas",
+    "langevin_corrector",
+    "langevin_sde_sample",
     "DMALA",
     "DULA",
     "DiscreteLangevin",

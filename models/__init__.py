@@ -7,6 +7,7 @@ imported here is picked up by the trainer, the checkpoints and the CLI.
 
 from probgen.models.base import Method, available, build, load_method, method_class, register
 from probgen.models.ddpm import DDPM
+from probgen.models.gan import GAN
 from probgen.models.vae import VAE
 
-__all__ = ["DDPM", "Method", "VAE", "available", "build", "load_method", "method_class", "register"]
+__all__ = ["DDPM", "GAN", "Method", "VAE", "available", "build", "load_method", "method_class", "register"]

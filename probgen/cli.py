@@ -60,6 +60,10 @@ class UsageError(ValueError):
     """Bad command-line input; reported as one line and exit status 2."""
 
 
+# Reported as one line with exit status 2 (NotImplementedError: e.g. inspecting a GAN's guide).
+_USER_ERRORS = (UsageError, DataError, CheckpointError, ValueError, OSError, NotImplementedError)
+
+
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line, raised instead of printed."""
 
@@ -139,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="fit a method to a data set, with checkpoints and early stopping",
-        description="Fit METHOD to the train split of DATA by stochastic variational inference, "
+        description="Fit METHOD to the train split of DATA by stochastic variational inference "
+        "(adversarially for gan), "
         "selecting the best parameters on the val split. RUN_DIR receives the checkpoints "
         "'best' and 'last' (safetensors + JSON) and loss.png. An existing run is never "
         "overwritten: continue it with --resume. Ctrl-C saves 'last' and exits with status 130.",
@@ -444,7 +449,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     start = time.perf_counter()
     try:
-        result = inference.fit(
+        result = inference.trainer_for(args.method, default=inference.fit)(
             method,
             train.x,
             val_data=val.x,
@@ -473,15 +478,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 130
     seconds = time.perf_counter() - start
     loss_png = save_loss_curves(
-        {"train": result.history["train"], "val": result.history["val"]},
+        {name: points for name, points in result.history.items() if points},
         run_dir / "loss.png",
-        title=f"{args.method} on {args.data}: loss (nats per example)",
+        title=f"{args.method} on {args.data}: training curves",
     )
     print(f"trained {args.method} on {args.data} (form {form}) to step {result.step} in {seconds:.1f} s")
     if result.stopped_early:
         print(f"stopped early: no improvement in {settings['patience']} validations")
     if result.best_step is not None:
-        print(f"best validation loss {result.best_val:.4f} nats per example at step {result.best_step}")
+        what = getattr(result, "val_metric", "nats per example")
+        print(f"best validation loss {result.best_val:.4f} ({what}) at step {result.best_step}")
     print(f"checkpoints: {', '.join(str(run_dir / f'{t}.json') for t in list_checkpoints(run_dir))}")
     print(f"loss curves: {loss_png}")
     print(
@@ -679,7 +685,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, TrainingError):
             _fail(f"training failed: {exc}")
             return 1
-        if isinstance(exc, (UsageError, DataError, CheckpointError, ValueError, OSError)):
+        if isinstance(
+            exc, (UsageError, DataError, CheckpointError, ValueError, OSError, NotImplementedError)
+        ):
             _fail(exc)
             return 2
         raise

@@ -357,6 +357,33 @@ def test_ddpm_ddim_sampler_and_its_options(tmp_path, capsys):
     _assert_one_line_error(capsys, "colour")
 
 
+def test_gan_trains_samples_and_evaluates_through_the_cli(tmp_path, capsys):
+    run_dir = tmp_path / "gan"
+    argv = [
+        "train",
+        "gan",
+        "--data",
+        "eight_gaussians",
+        "--out",
+        str(run_dir),
+        "--steps",
+        "20",
+        "--val-every",
+        "10",
+    ]
+    assert main([*argv, "--no-progress", "--device", "cpu"]) == 0
+    assert "best validation loss" in capsys.readouterr().out
+    assert (run_dir / "loss.png").read_bytes().startswith(PNG_MAGIC)
+    png = tmp_path / "gan.png"
+    assert main(["sample", str(run_dir), "--num", "100", "--out", str(png)]) == 0
+    assert main(["evaluate", str(run_dir), "--num-generated", "200"]) == 0
+    report = read_json(run_dir / "evaluation.json")
+    assert report["nll"]["nats"] is None and "mode_coverage" in report["samples"]
+    capsys.readouterr()
+    assert main(["inspect", str(run_dir)]) == 2
+    _assert_one_line_error(capsys, "guide")
+
+
 @pytest.mark.parametrize("command", ["sample", "evaluate", "inspect"])
 def test_missing_run_dir_exits_2(tmp_path, capsys, command):
     extra = ["--out", str(tmp_path / "s.png")] if command == "sample" else []
