@@ -10,6 +10,7 @@ from probgen.inference.adversarial import (
     trainer_for,
 )
 from probgen.inference.ancestral import ancestral_sample, ddim_sample, ddim_timesteps
+from probgen.inference.conditioning import ScoreSDEDistribution, inpaint
 from probgen.inference.discrete_langevin import DMALA, DULA, DiscreteLangevin, dlp_proposal
 from probgen.inference.evaluate import evaluate, log_likelihood, register_likelihood
 from probgen.inference.inspect import TraceReport, inspect_trace
@@ -21,9 +22,32 @@ from probgen.inference.langevin import (
 )
 from probgen.inference.likelihood import ddpm_bits_per_dim, ddpm_nll, iwae_bits_per_dim, iwae_log_likelihood
 from probgen.inference.mcmc import MALA, SGLD, ULA, KineticLangevin, LangevinKernel
+from probgen.inference.ode import LogDensityODE, ode_bits_per_dim, ode_encode, ode_log_likelihood, ode_sample
+from probgen.inference.score_sde_sampling import ode_likelihood, sample_score_sde
+from probgen.inference.sde import (
+    euler_maruyama_predictor,
+    pc_sample,
+    reverse_diffusion_predictor,
+    reverse_sde_sample,
+    tweedie_denoise,
+)
 from probgen.inference.svi import ELBOLoss, FitResult, TrainingError, elbo_per_example, fit
 
 __all__ = [
+    "LogDensityODE",
+    "ScoreSDEDistribution",
+    "euler_maruyama_predictor",
+    "inpaint",
+    "ode_bits_per_dim",
+    "ode_encode",
+    "ode_likelihood",
+    "ode_log_likelihood",
+    "ode_sample",
+    "pc_sample",
+    "reverse_diffusion_predictor",
+    "reverse_sde_sample",
+    "sample_score_sde",
+    "tweedie_denoise",
     "AdversarialResult",
     "discriminator_loss",
     "fit_adversarial",

@@ -68,8 +68,14 @@ def _ddpm_bound(method: nn.Module, x: Tensor, *, num_samples: int = 0, seed: int
     return -nll, f"variational bound (L_T + sum of all {method.T} terms + L_0; upper bound on NLL)"
 
 
+def _flow_exact(method: nn.Module, x: Tensor, *, num_samples: int = 0, seed: int = 0) -> tuple[Tensor, str]:
+    with torch.no_grad():
+        return method.log_prob(x), "exact log-likelihood (change of variables)"
+
+
 register_likelihood("vae", _iwae)
 register_likelihood("ddpm", _ddpm_bound)
+register_likelihood("flow", _flow_exact)
 
 
 def _method_name(method: nn.Module) -> str:

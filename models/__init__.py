@@ -7,7 +7,25 @@ imported here is picked up by the trainer, the checkpoints and the CLI.
 
 from probgen.models.base import Method, available, build, load_method, method_class, register
 from probgen.models.ddpm import DDPM
+from probgen.models.flow import Flow
 from probgen.models.gan import GAN
+from probgen.models.ncsn import NCSN
+from probgen.models.score_matching import ScoreMatching
+from probgen.models.score_sde import ScoreSDE
 from probgen.models.vae import VAE
 
-__all__ = ["DDPM", "GAN", "Method", "VAE", "available", "build", "load_method", "method_class", "register"]
+__all__ = [
+    "DDPM",
+    "Flow",
+    "GAN",
+    "NCSN",
+    "Method",
+    "ScoreMatching",
+    "ScoreSDE",
+    "VAE",
+    "available",
+    "build",
+    "load_method",
+    "method_class",
+    "register",
+]
