@@ -31,7 +31,7 @@ import json
 
 import pyro
 import torch
-from timing import measure  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
+from timing import run_cases  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
 
 from probgen.data import load_dataset
 from probgen.inference import ELBOLoss, ancestral_sample
@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     digits = load_dataset("digits", "train")
     x = digits.x[:128]
-    report: dict = {}
     print(
         f"torch {torch.__version__}, pyro {pyro.__version__}, {args.threads} threads; "
         "ms per call, ratio to hand-written"
@@ -119,20 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         1,
         1,
     )
-    for name, (fns, rounds, n, warmup) in cases.items():
-        with pyro.validation_enabled(False):
-            ms, fastest = measure(fns, rounds, n, warmup)
-        ratio = {k: v / ms["hand"] for k, v in ms.items()}
-        ratio_min = {k: v / fastest["hand"] for k, v in fastest.items()}
-        report[name] = {
-            "ms_median": ms,
-            "ratio_to_hand_median": ratio,
-            "ms_min": fastest,
-            "ratio_to_hand_min": ratio_min,
-        }
-        print(f"\n{name}\n  {'':<6} {'median':>12} {'':>8}   {'fastest round':>13}")
-        for k in ms:
-            print(f"  {k:<6} {ms[k]:9.1f} ms  x{ratio[k]:.3f}   {fastest[k]:9.1f} ms  x{ratio_min[k]:.3f}")
+    with pyro.validation_enabled(False):
+        report = run_cases(cases)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -6,7 +6,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["measure"]
+__all__ = ["measure", "run_cases"]
 
 
 def measure(
@@ -29,3 +29,30 @@ def measure(
                 fn()
             times[name].append((time.perf_counter() - t0) / n * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}, {k: min(v) for k, v in times.items()}
+
+
+Case = tuple[dict[str, Callable[[], object]], int, int, int]
+
+
+def run_cases(cases: dict[str, Case], base: str = "hand") -> dict:
+    """Time each case's variants with :func:`measure`, print ratios to ``base`` and return the report.
+
+    ``cases`` maps a case name to ``(fns, rounds, calls per round, warm-up calls)``.
+    """
+    report: dict = {}
+    for name, (fns, rounds, n, warmup) in cases.items():
+        ms, fastest = measure(fns, rounds, n, warmup)
+        ratio = {k: v / ms[base] for k, v in ms.items()}
+        ratio_min = {k: v / fastest[base] for k, v in fastest.items()}
+        report[name] = {
+            "ms_median": ms,
+            "ratio_median": ratio,
+            "ms_min": fastest,
+            "ratio_min": ratio_min,
+        }
+        width = max(len(k) for k in ms)
+        print(f"\n{name}\n  {'':<{width}} {'median':>12} {'':>8}   {'fastest round':>13}")
+        for k in ms:
+            med, low = f"{ms[k]:9.1f} ms  x{ratio[k]:.3f}", f"{fastest[k]:9.1f} ms  x{ratio_min[k]:.3f}"
+            print(f"  {k:<{width}} {med}   {low}")
+    return report

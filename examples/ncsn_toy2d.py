@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 
 from probgen.checkpoint import write_json_atomic
-from probgen.data import TOYS, load_dataset
+from probgen.data import TOYS, load_dataset, mixture_modes
 from probgen.inference import fit
 from probgen.inference.langevin import annealed_langevin
-from probgen.metrics import sliced_wasserstein
+from probgen.metrics import mode_coverage, sliced_wasserstein
 from probgen.models.ncsn import NCSN
 from probgen.plotting import save_loss_curves, save_scatter_panel
 
@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
             "floor: val vs test data": sliced_wasserstein(val.x[:n], reference),
         },
     }
+    if args.data in ("eight_gaussians", "grid25"):
+        centres, std = mixture_modes(args.data)
+        report["mode_coverage"] = mode_coverage(samples, centres, std)
+        report["mode_coverage_floor"] = mode_coverage(reference, centres, std)
     save_scatter_panel(
         {"data (test)": reference, f"samples, {ncsn.num_levels} x {defaults['steps_per_level']}": samples},
         args.out / "samples.png",
@@ -122,6 +126,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"trained {result.step} steps in {train_seconds:.0f} s; L = {ncsn.num_levels} levels")
     for name, value in report["sliced_wasserstein"].items():
         print(f"sliced Wasserstein-2, {name:<46} {value:.4f}")
+    if "mode_coverage" in report:
+        cov, floor = report["mode_coverage"], report["mode_coverage_floor"]
+        print(
+            f"modes captured {cov['modes_captured']}/{cov['num_modes']}; mixture weights "
+            f"{', '.join(f'{w:.3f}' for w in cov['weights'])}; max |w - 1/K| {cov['max_weight_error']:.3f} "
+            f"(test data: {floor['max_weight_error']:.3f}); high-quality fraction "
+            f"{cov['high_quality_fraction']:.3f} (test data: {floor['high_quality_fraction']:.3f})"
+        )
     print(f"sampling {n} points: {sample_seconds:.1f} s")
     print(f"wrote {args.out}/samples.png, annealing.png, loss.png, report.json")
     return report

@@ -11,7 +11,22 @@ from probgen.inference.adversarial import (
 )
 from probgen.inference.ancestral import ancestral_sample, ddim_sample, ddim_timesteps
 from probgen.inference.conditioning import ScoreSDEDistribution, inpaint
+from probgen.inference.consistency import (
+    ConsistencyResult,
+    consistency_distillation_loss,
+    consistency_training_loss,
+    fit_consistency,
+    pf_ode_step,
+    sample_consistency,
+)
 from probgen.inference.discrete_langevin import DMALA, DULA, DiscreteLangevin, dlp_proposal
+from probgen.inference.distill import (
+    DistillResult,
+    grid_ddim_sample,
+    halving_schedule,
+    load_teacher,
+    progressive_distill,
+)
 from probgen.inference.evaluate import evaluate, log_likelihood, register_likelihood
 from probgen.inference.inspect import TraceReport, inspect_trace
 from probgen.inference.langevin import (
@@ -34,6 +49,17 @@ from probgen.inference.sde import (
 from probgen.inference.svi import ELBOLoss, FitResult, TrainingError, elbo_per_example, fit
 
 __all__ = [
+    "DistillResult",
+    "grid_ddim_sample",
+    "halving_schedule",
+    "load_teacher",
+    "progressive_distill",
+    "ConsistencyResult",
+    "consistency_distillation_loss",
+    "consistency_training_loss",
+    "fit_consistency",
+    "pf_ode_step",
+    "sample_consistency",
     "LogDensityODE",
     "ScoreSDEDistribution",
     "euler_maruyama_predictor",

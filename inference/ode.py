@@ -33,12 +33,13 @@ from torchdiffeq import odeint
 
 from probgen.inference.sde import check_sde_inputs, tweedie_denoise
 from probgen.metrics import bits_per_dim, discrete_nll_from_density
-from probgen.sdes import DiffusionSDE, ProbabilityFlowODE, ScoreFn
+from probgen.sdes import DiffusionSDE, IntegrationError, ProbabilityFlowODE, ScoreFn, check_finite
 
 __all__ = ["LogDensityODE", "ode_bits_per_dim", "ode_encode", "ode_log_likelihood", "ode_sample"]
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 FIXED_METHODS = ("euler", "midpoint", "rk4", "heun2", "heun3")
+MAX_ADAPTIVE_STEPS = 2000  # dopri5 takes ~100 steps on a trained model; a stiff one would run for hours
 DIVERGENCES = ("exact", "hutchinson")
 NOISES = ("rademacher", "gaussian")
 
@@ -110,8 +111,20 @@ def _solve(func: nn.Module, y0: Any, t0: float, t1: float, like: Tensor, method,
     ts = torch.linspace(t0, t1, n, dtype=like.dtype, device=like.device)
     # An adaptive step may overshoot the last time and interpolate back, but the SDE's coefficients
     # are undefined past [0, T] (e.g. VP's sqrt(1 - exp(-B(t))) at t < 0): make it stop exactly there.
-    options = {"step_t": ts[-1:]} if method in ADAPTIVE_METHODS else None
-    return odeint(func, y0, ts, method=method, rtol=rtol, atol=atol, options=options)
+    if method not in ADAPTIVE_METHODS:
+        return odeint(func, y0, ts, method=method, rtol=rtol, atol=atol)
+    options = {"step_t": ts[-1:], "max_num_steps": MAX_ADAPTIVE_STEPS}
+    try:
+        return odeint(func, y0, ts, method=method, rtol=rtol, atol=atol, options=options)
+    except AssertionError as exc:  # torchdiffeq signals its step budget by an assertion
+        if "max_num_steps" not in str(exc):
+            raise
+        raise IntegrationError(
+            f"Expected the adaptive solver {method!r} to go from t = {t0:.6g} to t = {t1:.6g} within "
+            f"{MAX_ADAPTIVE_STEPS} steps at rtol={rtol}, atol={atol}, but it did not: the flow is stiff "
+            "there (an untrained or diverging score); train longer, loosen the tolerances or use a "
+            "fixed-step solver."
+        ) from None
 
 
 def _flow(sde, score_fn, x, eps, forward, *, method, rtol, atol, steps, denoise, return_path, return_nfe):
@@ -119,7 +132,7 @@ def _flow(sde, score_fn, x, eps, forward, *, method, rtol, atol, steps, denoise,
     ode = ProbabilityFlowODE(sde, score_fn)
     t0, t1 = (eps, sde.T) if forward else (sde.T, eps)
     ys = _solve(ode, x, t0, t1, x, method, steps, rtol, atol, return_path)
-    out = ys[-1]
+    out = check_finite(ys[-1], t1)
     nfe = ode.nfe
     if denoise:
         out, nfe = tweedie_denoise(sde, score_fn, out, eps), nfe + 1
@@ -259,7 +272,9 @@ def ode_log_likelihood(
     xs, deltas = _solve(
         func, (x0, x0.new_zeros(x0.shape[0])), eps, sde.T, x0, method, steps, rtol, atol, False
     )
-    log_prior = (sde.prior_log_prob if prior_log_prob is None else prior_log_prob)(xs[-1])
+    check_finite(deltas[-1], sde.T, "the log-density change")
+    prior = sde.prior_log_prob if prior_log_prob is None else prior_log_prob
+    log_prior = prior(check_finite(xs[-1], sde.T))
     ll = log_prior + deltas[-1]
     return (ll, ode.nfe) if return_nfe else ll
 

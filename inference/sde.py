@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from probgen.inference.langevin import langevin_corrector
 from probgen.schedules import append_dims
-from probgen.sdes import DiffusionSDE, ReverseSDE, ScoreFn, batch_times
+from probgen.sdes import DiffusionSDE, GridBrownian, ReverseSDE, ScoreFn, batch_times, check_finite
 
 __all__ = [
     "CountingScore",
@@ -49,17 +49,24 @@ Corrector = Callable[..., Tensor]
 
 
 class CountingScore:
-    """A score function that counts its calls (``calls``), to report the number of evaluations."""
+    """A score function that counts its calls (``calls``), to report the number of evaluations.
 
-    def __init__(self, score_fn: ScoreFn) -> None:
+    With ``check`` (the default) it raises :class:`~probgen.sdes.IntegrationError`, naming the time,
+    when its input or its output has non-finite entries.
+    """
+
+    def __init__(self, score_fn: ScoreFn, check: bool = True) -> None:
         if not callable(score_fn):
             raise ValueError(f"Expected a callable score_fn(x, t), but found {type(score_fn).__name__}.")
         self.score_fn = score_fn
+        self.check = check
         self.calls = 0
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.calls += 1
-        return self.score_fn(x, t)
+        if not self.check:
+            return self.score_fn(x, t)
+        return check_finite(self.score_fn(check_finite(x, t), t), t, "the score")
 
 
 def check_sde_inputs(sde: object, x: object, eps: float | None) -> tuple[Tensor, float]:
@@ -141,11 +148,13 @@ def reverse_sde_sample(
             the drift 10 times a step).
         eps: the end time :math:`\epsilon \in (0, T)`; default ``sde.eps``.
         denoise: end with the Tweedie denoising step (one more score evaluation).
-        bm: the Brownian motion of size ``(B, D)`` over :math:`[0, s_N]`; default a
-            :class:`torchsde.BrownianInterval` seeded from ``generator``.
+        bm: the Brownian motion of size ``(B, D)`` over :math:`[0, s_N]`; default, for ``"euler"`` and
+            ``"milstein"``, a :class:`~probgen.sdes.GridBrownian` drawing the step increments in order
+            from ``generator`` (torchsde's interval tree would double the cost of small networks), and
+            for ``"srk"`` a :class:`torchsde.BrownianInterval` with space-time Lévy area, seeded from it.
         return_path: also return the states at :math:`s_0, \dots, s_N`, ``(N + 1, B, D)`` (before denoising).
-        return_nfe: also return the number of score evaluations: ``steps + 1`` for ``"euler"`` and
-            ``"milstein"`` (torchsde evaluates the drift once more to check its shape), plus one
+        return_nfe: also return the number of score evaluations: ``steps`` for ``"euler"`` and
+            ``"milstein"`` (torchsde's shape check at the start reuses the first step's), plus one
             for ``denoise``.
         generator: seeds the default Brownian motion (default the global RNG).
 
@@ -161,7 +170,7 @@ def reverse_sde_sample(
     for _ in range(steps):
         times.append(times[-1] + h)
     ts = torch.tensor(times if return_path else [0.0, times[-1]], dtype=torch.float64, device=x.device)
-    if bm is None:
+    if bm is None and method == "srk":
         device = generator.device if generator is not None else x.device
         entropy = int(torch.randint(2**31 - 1, (), generator=generator, device=device))
         bm = torchsde.BrownianInterval(
@@ -172,10 +181,13 @@ def reverse_sde_sample(
             device=x.device,
             entropy=entropy,
             dt=h,
-            levy_area_approximation="space-time" if method == "srk" else "none",
+            levy_area_approximation="space-time",
         )
-    counted = CountingScore(score_fn)
+    elif bm is None:  # Euler-Maruyama and Milstein step on the grid: no interval tree needed
+        bm = GridBrownian(0.0, h, steps, tuple(x.shape), dtype=x.dtype, device=x.device, generator=generator)
+    counted = CountingScore(score_fn, check=False)  # ReverseSDE checks each state it steps from
     ys = torchsde.sdeint(ReverseSDE(sde, counted), x, ts, bm=bm, method=method, dt=h)
+    check_finite(ys[-1], eps)
     out = tweedie_denoise(sde, counted, ys[-1], eps) if denoise else ys[-1]
     result = (out,) + ((ys,) if return_path else ()) + ((counted.calls,) if return_nfe else ())
     return result if len(result) > 1 else out
@@ -342,6 +354,7 @@ def pc_sample(
                 x = corrector(counted, x, ts[i + 1], alpha=alpha, generator=generator)
         if callback is not None:
             callback({"x": x, "i": i, "t": ts[i + 1]})
+    check_finite(x, eps)
     if denoise:
         x = tweedie_denoise(sde, counted, x, eps)
     return (x, counted.calls) if return_nfe else x

@@ -6,7 +6,9 @@ imported here is picked up by the trainer, the checkpoints and the CLI.
 """
 
 from probgen.models.base import Method, available, build, load_method, method_class, register
+from probgen.models.consistency import Consistency
 from probgen.models.ddpm import DDPM
+from probgen.models.distilled import Distilled
 from probgen.models.flow import Flow
 from probgen.models.gan import GAN
 from probgen.models.ncsn import NCSN
@@ -15,7 +17,9 @@ from probgen.models.score_sde import ScoreSDE
 from probgen.models.vae import VAE
 
 __all__ = [
+    "Consistency",
     "DDPM",
+    "Distilled",
     "Flow",
     "GAN",
     "NCSN",

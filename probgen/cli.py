@@ -22,6 +22,7 @@ import argparse
 import io
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -205,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep an exponential moving average of the weights with this decay in (0, 1), e.g. 0.999; "
         "checkpoints, sampling and evaluation then use the average (default: none, or the saved run's)",
     )
+    p.add_argument(
+        "--sde",
+        choices=("vp", "subvp", "ve"),
+        default=None,
+        help="the forward SDE of score-sde (default vp); the same as --set sde=NAME",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in RUN_DIR to --steps")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -279,6 +286,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser(
+        "distill",
+        help="progressive distillation of a DDPM's DDIM sampler into fewer steps",
+        description="Distil the deterministic DDIM sampler of the DDPM in TEACHER_RUN (or of a distilled "
+        "stage) into students of half as many steps, stage by stage down to --to-steps (Salimans & Ho "
+        "2022). Each stage is a run OUT/stage-K ('probgen sample OUT/stage-K' works); finished stages "
+        "are loaded and a partial one is resumed.",
+        formatter_class=fmt,
+    )
+    p.add_argument("teacher_run", metavar="TEACHER_RUN", help="a ddpm run (or a distilled stage)")
+    p.add_argument("--tag", default=None, help="teacher checkpoint: best or last (default best, else last)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory of the stages")
+    p.add_argument(
+        "--start-steps",
+        type=_positive_int,
+        default=None,
+        help="the teacher's DDIM steps (default 256; a distilled teacher's own K)",
+    )
+    p.add_argument("--to-steps", type=_positive_int, default=4, help="the last student's steps (default 4)")
+    p.add_argument("--steps-per-stage", type=_positive_int, default=1000, help="training steps per stage")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--lr", type=_positive_float, default=3e-4)
+    p.add_argument("--parameterization", choices=("v", "x0"), default="v")
+    p.add_argument("--ema-decay", type=_decay, default=None)
+    p.add_argument("--seed", type=_nonnegative_int, default=0)
+    p.add_argument("--data", default=None, help="data set (default: the teacher's)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_distill)
+
+    p = sub.add_parser(
         "list",
         help="list the methods and data sets",
         description="List the registered methods and the data sets that --data accepts.",
@@ -307,7 +344,8 @@ def _add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sampler",
         default="ancestral",
-        help="sampler: ancestral (any method), ddim (ddpm); default ancestral",
+        help="sampler: ancestral (any method), ddim (ddpm), annealed-langevin (ncsn), em/pc/ode (score-sde), "
+        "consistency (consistency), ddim (distilled: its K steps); default ancestral",
     )
     p.add_argument(
         "--steps",
@@ -375,6 +413,12 @@ def _fmt(value: Any) -> str:
 # ----------------------------------------------------------------------------- commands
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from probgen.inference.distill import cli_distill
+
+    return cli_distill(args)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from probgen import inference
     from probgen.models import available, load_method, method_class
@@ -385,6 +429,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     run_dir = Path(args.out)
     overrides = dict(args.set)
+    if args.sde is not None:
+        if args.method != "score-sde":
+            raise UsageError(f"--sde applies to score-sde only, but the method is {args.method!r}")
+        if overrides.setdefault("sde", args.sde) != args.sde:
+            raise UsageError(f"--sde {args.sde} contradicts --set sde={overrides['sde']}")
     saved_tags = list_checkpoints(run_dir)
     saved: dict[str, Any] = {}
     if args.resume:
@@ -649,7 +698,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("methods:")
     for name in available():
         doc = (method_class(name).__doc__ or "").strip().splitlines()
-        print(f"  {name:16s} {doc[0] if doc else ''} (samplers: {', '.join(samplers_for(name))})")
+        summary = re.sub(r":math:`([^`]*)`", r"\1", doc[0]) if doc else ""  # plain text, not reST
+        print(f"  {name:16s} {summary} (samplers: {', '.join(samplers_for(name))})")
     print("data sets (--data):")
     print(f"  {'digits':16s} sklearn's 8x8 digits, 17 grey levels; split 1350 train / 150 val / 297 test")
     for name in (*TOYS, "grid25"):

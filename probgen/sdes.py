@@ -34,6 +34,8 @@ from probgen.schedules import append_dims
 
 __all__ = [
     "DiffusionSDE",
+    "GridBrownian",
+    "IntegrationError",
     "LangevinSDE",
     "ProbabilityFlowODE",
     "ReverseSDE",
@@ -42,10 +44,35 @@ __all__ = [
     "VESDE",
     "VPSDE",
     "batch_times",
+    "check_finite",
     "flat_score",
 ]
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """``score_fn(x, t) -> score``: ``x`` ``(B, D)``, ``t`` ``(B,)``, the score shaped like ``x``."""
+
+
+class IntegrationError(ValueError):
+    """Non-finite values appeared while integrating an SDE or ODE (a diverging score or step size)."""
+
+
+def check_finite(y: Tensor, t: float | Tensor, what: str = "the state") -> Tensor:
+    """Return ``y`` if all its entries are finite, else raise :class:`IntegrationError` naming the time.
+
+    Args:
+        y: any tensor met during integration, e.g. the state ``(B, D)`` or a score.
+        t: the (forward) time at which it was met: a float or a tensor of times.
+        what: what ``y`` is, for the message.
+    """
+    if not bool(torch.isfinite(y).all()):
+        times = torch.as_tensor(t, dtype=torch.float64).flatten()
+        when = f"{float(times[0]):.6g}" if times.numel() else "?"
+        bad = int((~torch.isfinite(y)).sum())
+        raise IntegrationError(
+            f"Expected finite values during integration, but found {bad} non-finite entries in {what} "
+            f"at t = {when}; the score or the step size diverges there (try more steps or a tighter "
+            "tolerance)."
+        )
+    return y
 
 
 def batch_times(t: float | Tensor, like: Tensor) -> Tensor:
@@ -465,16 +492,123 @@ class ReverseSDE(torchsde.SDEIto):
         self.sde = sde
         self.score_fn = score_fn
         self.T = sde.T
+        self._last: tuple[float | Tensor, Tensor, tuple[Tensor, Tensor]] | None = None
 
     def f(self, s: float | Tensor, y: Tensor) -> Tensor:
         """Reverse drift at reversed time ``s`` and ``y`` ``(B, D)``; ``(B, D)``."""
+        return self._drift_and_g(s, y)[0]
+
+    def _drift_and_g(self, s: float | Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        # torchsde's sdeint evaluates f, then f_and_g_prod, at (s_0, x_T) to check shapes before its
+        # first step there: remembering the last call saves those two score evaluations.
+        if self._last is not None and self._last[1] is y and float(self._last[0]) == float(s):
+            return self._last[2]
         t = batch_times(self.T - s, y)
+        check_finite(y, t)
         drift, g = self.sde.sde(y, t)
-        return append_dims(g**2, y.ndim) * self.score_fn(y, t) - drift
+        g = append_dims(g, y.ndim)
+        out = (g.square() * self.score_fn(y, t) - drift, g)
+        self._last = (s, y, out)
+        return out
 
     def g(self, s: float | Tensor, y: Tensor) -> Tensor:
         """Diagonal diffusion :math:`g(T - s)`, ``(B, D)``."""
         return self.sde.g(self.T - s, y)
+
+    def f_and_g_prod(self, s: float | Tensor, y: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Drift and :math:`g\,v` in one pass (torchsde's Euler step calls this): ``(B, D)`` each."""
+        drift, g = self._drift_and_g(s, y)
+        return drift, g * v
+
+
+class GridBrownian(torchsde.BaseBrownian):
+    r"""Brownian motion sampled on a fixed grid :math:`t_0 + k h`, its increments drawn lazily in order.
+
+    ``torchsde.sdeint`` with a fixed step ``dt = h`` and the Euler-Maruyama or Milstein solver (diagonal
+    noise, no Lévy area) only asks for :math:`W(t_{k+1}) - W(t_k)` on the grid it steps through. This
+    object answers exactly those (and any sum of them) with i.i.d. :math:`\mathcal N(0, h I)` draws from
+    ``generator``, made once each in the order of ``k`` and kept; :class:`torchsde.BrownianInterval`
+    answers arbitrary times through a tree of cached intervals, whose bookkeeping costs about as much as
+    a small network's evaluation per step. Same law, same solver, less work.
+
+    Args:
+        t0: the start of the grid.
+        h: the step, > 0.
+        steps: the number of grid steps N (times :math:`t_0 .. t_0 + N h`).
+        size: the shape of :math:`W(t)`, e.g. ``(B, D)``.
+        dtype, device: of the increments.
+        generator: the source of the increments (default the global RNG).
+
+    Raises:
+        ValueError: when asked for a time off the grid (an adaptive or higher-order solver), or for
+            Lévy areas.
+    """
+
+    def __init__(
+        self,
+        t0: float,
+        h: float,
+        steps: int,
+        size: Sequence[int],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if isinstance(h, bool) or not isinstance(h, (int, float)) or not h > 0 or not math.isfinite(h):
+            raise ValueError(f"Expected a step h > 0, but found {h!r}.")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"Expected steps >= 1 (an int), but found {steps!r}.")
+        self._t0, self._h, self._steps = float(t0), float(h), steps
+        self._shape = torch.Size(size)
+        self._dtype, self._device = dtype, torch.device("cpu" if device is None else device)
+        self._generator = generator
+        self._increments: list[Tensor] = []
+
+    def _index(self, t: float | Tensor) -> int:
+        k = (float(t) - self._t0) / self._h
+        i = round(k)
+        if abs(k - i) > 1e-6 * max(1, abs(i)) or not 0 <= i <= self._steps:
+            raise ValueError(
+                f"Expected a time on the grid {self._t0} + k * {self._h} (k = 0..{self._steps}), but found "
+                f"{float(t)!r}; GridBrownian serves fixed-step Euler-Maruyama/Milstein only."
+            )
+        return i
+
+    def __call__(self, ta, tb=None, return_U: bool = False, return_A: bool = False) -> Tensor:
+        if return_U or return_A:
+            raise ValueError("Expected no Lévy area request (GridBrownian has none), but found one.")
+        a, b = (0, self._index(ta)) if tb is None else (self._index(ta), self._index(tb))
+        if b < a:
+            raise ValueError(f"Expected ta <= tb, but found ta={float(ta)!r} > tb={float(tb)!r}.")
+        scale = math.sqrt(self._h)
+        while len(self._increments) < b:
+            z = torch.randn(self._shape, generator=self._generator, dtype=self._dtype, device=self._device)
+            self._increments.append(z.mul_(scale))
+        if b == a + 1:
+            return self._increments[a]
+        if b == a:
+            return torch.zeros(self._shape, dtype=self._dtype, device=self._device)
+        return torch.stack(self._increments[a:b]).sum(0)
+
+    def __repr__(self) -> str:
+        return f"GridBrownian(t0={self._t0}, h={self._h}, steps={self._steps}, size={tuple(self._shape)})"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._shape
+
+    @property
+    def levy_area_approximation(self) -> str:
+        return "none"
 
 
 class ProbabilityFlowODE(nn.Module):
@@ -520,7 +654,7 @@ class ProbabilityFlowODE(nn.Module):
     def forward(self, t: float | Tensor, y: Tensor) -> Tensor:
         """torchdiffeq callback: :math:`\\tilde f` at time ``t`` (0-d) and ``y`` ``(B, D)``."""
         self.nfe += 1
-        return self.drift(y, batch_times(t, y))
+        return self.drift(check_finite(y, t), batch_times(t, y))
 
 
 def flat_score(score_fn: ScoreFn, event_shape: Sequence[int]) -> ScoreFn:

@@ -296,6 +296,9 @@ def test_training_error_exits_1_and_keeps_checkpoints(run_copy, monkeypatch, cap
         (["train", "vae", "--data", "digits", "--ema-decay", "1"], "--ema-decay"),
         (["train", "vae", "--data", "digits", "--ema-decay", "0"], "--ema-decay"),
         (["train", "vae", "--data", str(Path(__file__).with_suffix(".npz"))], ".npz"),
+        (["train", "vae", "--data", "digits", "--sde", "ve"], "--sde applies to score-sde only"),
+        (["train", "score-sde", "--data", "moons", "--sde", "ve", "--set", "sde=vp"], "contradicts"),
+        (["train", "score-sde", "--data", "moons", "--sde", "bm"], "--sde"),
         (["frobnicate"], "frobnicate"),
         ([], "COMMAND"),
     ],
@@ -382,6 +385,37 @@ def test_gan_trains_samples_and_evaluates_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(run_dir)]) == 2
     _assert_one_line_error(capsys, "guide")
+
+
+def test_ncsn_trains_and_samples_by_annealed_langevin(tmp_path, capsys):
+    run_dir = tmp_path / "ncsn"
+    argv = ["train", "ncsn", "--data", "eight_gaussians", "--out", str(run_dir), "--steps", "20"]
+    assert main([*argv, "--val-every", "10", "--no-progress", "--device", "cpu"]) == 0
+    png, npz = tmp_path / "ncsn.png", tmp_path / "ncsn.npz"
+    sample = ["sample", str(run_dir), "--num", "50", "--out", str(png), "--npz", str(npz)]
+    assert main([*sample, "--sampler", "annealed-langevin", "--steps", "3"]) == 0  # steps per level
+    assert png.read_bytes().startswith(PNG_MAGIC)
+    assert np.load(npz)["samples"].shape == (50, 2)
+    capsys.readouterr()
+    assert main([*sample, "--sampler", "ode"]) == 2
+    _assert_one_line_error(capsys, "annealed-langevin")
+    assert main([*sample, "--sampler", "annealed-langevin", "--option", "step_size=0"]) == 2
+    _assert_one_line_error(capsys, "step")
+
+
+@pytest.mark.parametrize("sde", ["vp", "subvp", "ve"])
+def test_score_sde_trains_and_samples_with_every_sampler(tmp_path, capsys, sde):
+    run_dir = tmp_path / sde
+    argv = ["train", "score-sde", "--sde", sde, "--data", "moons", "--out", str(run_dir), "--steps", "20"]
+    assert main([*argv, "--val-every", "10", "--no-progress", "--device", "cpu"]) == 0
+    assert read_json(run_dir / "last.json")["metadata"]["config"]["sde"] == sde
+    png = tmp_path / "s.png"
+    for sampler in ("em", "pc", "ode"):
+        steps = ["--steps", "50"] if sampler != "ode" else ["--option", "solver=euler", "--steps", "10"]
+        sample = ["sample", str(run_dir), "--num", "20", "--out", str(png), "--sampler", sampler]
+        assert main([*sample, *steps]) == 0
+    # `probgen evaluate` on these untrained runs would integrate a stiff ODE for minutes; its
+    # estimator is tested in tests/inference/test_score_sde_sampling.py.
 
 
 @pytest.mark.parametrize("command", ["sample", "evaluate", "inspect"])

@@ -1,0 +1,514 @@
+r"""Consistency models: one network that maps any point of a probability-flow ODE path to its start.
+
+Song, Dhariwal, Chen & Sutskever 2023, "Consistency Models" (arXiv:2303.01469). A forward SDE of
+:mod:`probgen.sdes` (VE, as in the paper, or VP / sub-VP) has a probability-flow ODE whose solution
+paths :math:`\{x_t\}_{t \in [\epsilon, T]}` carry the prior to the data. The *consistency function*
+:math:`f(x_t, t) = x_\epsilon` maps every point of a path to its end at :math:`\epsilon`; a network
+:math:`f_\theta` learns it, with the boundary condition :math:`f_\theta(x, \epsilon) = x` built into
+its parameterization (their eq. 5 and App. C), written for any linear SDE
+:math:`x_t = m_t x_0 + s_t z` through the scaled state :math:`y = x / m_t`, whose noise level is
+:math:`\sigma(t) = s_t / m_t` (for VE :math:`m = 1`, :math:`\sigma = s`):
+
+.. math::
+    f_\theta(x, t) = m_\epsilon \big[c_{\text{skip}}(t)\, y + c_{\text{out}}(t)\,
+    F_\theta(c_{\text{in}}(t)\, y, t)\big], \qquad
+    c_{\text{skip}} = \frac{\sigma_d^2}{(\sigma - \sigma_\epsilon)^2 + \sigma_d^2}, \quad
+    c_{\text{out}} = \frac{\sigma_d (\sigma - \sigma_\epsilon)}{\sqrt{\sigma_d^2 + \sigma^2}}, \quad
+    c_{\text{in}} = \frac{1}{\sqrt{\sigma_d^2 + \sigma^2}},
+
+so :math:`c_{\text{skip}}(\epsilon) = 1`, :math:`c_{\text{out}}(\epsilon) = 0` and
+:math:`f_\theta(x, \epsilon) = m_\epsilon\, x / m_\epsilon = x` exactly, whatever :math:`F_\theta`.
+
+**Training** is not variational: the consistency objective
+:math:`\mathbb E\, \lambda(t_n)\, d\big(f_\theta(x_{t_{n+1}}, t_{n+1}), f_{\theta^-}(\hat x_{t_n}, t_n)\big)`
+is a *distance between the outputs of two networks* (the online one and its EMA target), not a
+log-density, so it has no ELBO and no Pyro site: :meth:`Consistency.model` with data and
+:meth:`Consistency.elbo` raise, and ``probgen.inference.consistency.fit_consistency`` (registered as
+the trainer of ``"consistency"``) trains it by distillation from a ``score-sde`` teacher (CD,
+Algorithm 2) or from data alone (CT, Algorithm 3). Its hyperparameters live in :attr:`config` so
+``probgen train consistency --set teacher=RUN_DIR`` sets them.
+
+**Sampling** is a Pyro program (Algorithm 1): ``"x_T"`` from the SDE's prior, the deterministic
+``"x_hat_0"`` :math:`= f_\theta(x_T, T)`, then for each further step a re-noising site ``"x_k"``
+:math:`\sim q(x_{\tau_k} \mid x_\epsilon = \hat x_{k-1})` (:meth:`Consistency.renoise_kernel`) and a
+denoising :math:`\hat x_k = f_\theta(x_k, \tau_k)`; the last denoised value is the ``Delta`` site
+``"x"``. ``pyro.infer.Predictive`` runs it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import ELBO
+from torch import Tensor, nn
+
+from probgen.checkpoint import CheckpointError
+from probgen.models.base import Method, load_method, register
+from probgen.models.ncsn import max_pairwise_distance
+from probgen.models.score_sde import SDES, build_sde
+from probgen.nets import MLP, UNet
+from probgen.schedules import append_dims
+from probgen.sdes import DiffusionSDE
+
+__all__ = [
+    "DISTANCES",
+    "Consistency",
+    "check_teacher",
+    "ct_schedule",
+    "karras_sigmas",
+    "load_teacher",
+    "time_of_sigma",
+]
+
+DISTANCES = ("l2", "pseudo_huber")
+# The SDE settings a teacher fixes: distillation follows the teacher's own probability-flow ODE.
+_SDE_KEYS = ("sde", "beta_min", "beta_max", "sigma_min", "sigma_max", "T", "eps")
+
+
+def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    r"""The discretization :math:`\sigma_i = (\sigma_{\min}^{1/\rho} + \tfrac{i-1}{N-1}(\sigma_{\max}^{1/\rho}
+    - \sigma_{\min}^{1/\rho}))^\rho`, :math:`i = 1..N` (Karras et al. 2022, arXiv:2206.00364; Song et al.
+    2023, Section 5), ascending, float64 ``(N,)``."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ValueError(f"Expected n >= 2 (an int), but found {n!r}.")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"Expected 0 < sigma_min < sigma_max, but found {sigma_min!r}, {sigma_max!r}.")
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sigmas = (lo + ramp * (hi - lo)) ** rho
+    sigmas[0], sigmas[-1] = sigma_min, sigma_max  # exact ends despite rounding
+    return sigmas
+
+
+def ct_schedule(k: int, K: int, s0: int = 2, s1: int = 150, mu0: float = 0.9) -> tuple[int, float]:
+    r"""Consistency training's step schedule :math:`N(k)` and target decay :math:`\mu(k)` (App. C).
+
+    .. math::
+        N(k) = \Big\lceil \sqrt{\tfrac{k}{K}\big((s_1 + 1)^2 - s_0^2\big) + s_0^2} - 1 \Big\rceil + 1,
+        \qquad \mu(k) = \exp\Big(\frac{s_0 \log \mu_0}{N(k)}\Big).
+
+    Args:
+        k: the training step (0-based).
+        K: the total number of steps.
+        s0, s1: the initial and final number of discretization steps.
+        mu0: the target EMA decay at the start.
+
+    Returns:
+        ``(N, mu)``.
+    """
+    frac = min(max(k / max(K, 1), 0.0), 1.0)
+    n = math.ceil(math.sqrt(frac * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+    return n, (math.exp(s0 * math.log(mu0) / n) if mu0 > 0 else 0.0)
+
+
+def _sigma_of(sde: DiffusionSDE, t: Tensor) -> Tensor:
+    mean, std = sde.marginal_params(t)
+    return std / mean
+
+
+def time_of_sigma(sde: DiffusionSDE, sigma: Tensor, *, iters: int = 80) -> Tensor:
+    r"""The time :math:`t \in [0, T]` with :math:`s_t / m_t = \sigma`, by bisection in float64.
+
+    :math:`\sigma(t) = s_t / m_t` increases with :math:`t` for the SDEs of :mod:`probgen.sdes`.
+
+    Args:
+        sde: the forward SDE.
+        sigma: noise levels, any shape, in :math:`[\sigma(0), \sigma(T)]`.
+        iters: bisection steps (80 reach float64 resolution).
+
+    Returns:
+        Times shaped like ``sigma``, float64.
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    lo, hi = torch.zeros_like(sigma), torch.full_like(sigma, sde.T)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        below = _sigma_of(sde, mid) < sigma
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return 0.5 * (lo + hi)
+
+
+def check_teacher(teacher: nn.Module, config: dict[str, Any]) -> None:
+    """Raise a ``ValueError`` unless ``teacher`` is a score-sde of the SDE and data shape in ``config``."""
+    name = getattr(teacher, "name", type(teacher).__name__)
+    if name != "score-sde" or not hasattr(teacher, "score"):
+        raise ValueError(f"Expected a teacher of method 'score-sde', but found {name!r}.")
+    tc = teacher.config
+    if list(tc["event_shape"]) != list(config["event_shape"]):
+        raise ValueError(
+            f"Expected a teacher of data shape {tuple(config['event_shape'])}, but found "
+            f"{tuple(tc['event_shape'])}."
+        )
+    keys = ("sde",) + (("sigma_min", "sigma_max") if config["sde"] == "ve" else ("beta_min", "beta_max"))
+    for key in keys + ("T",):
+        if tc[key] != config[key]:
+            raise ValueError(
+                f"Expected a teacher of the same SDE ({key}={config[key]!r}), but found {key}={tc[key]!r}."
+            )
+    if teacher.sde_object.eps != config["eps"]:
+        raise ValueError(
+            f"Expected a teacher of the same SDE (eps={config['eps']!r}), "
+            f"but found eps={teacher.sde_object.eps!r}."
+        )
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Expected {name} >= {low} (an int), but found {value!r}.")
+    return value
+
+
+@register("consistency")
+class Consistency(Method):
+    r"""A consistency model over the probability-flow ODE of a VE, VP or sub-VP SDE.
+
+    Args:
+        data_dim: flat size D of one observation.
+        event_shape: shape of one observation; ``(C, H, W)`` with ``H == W`` selects a
+            :class:`~probgen.nets.UNet`, anything else an :class:`~probgen.nets.MLP` (default ``(D,)``).
+        sde, beta_min, beta_max, sigma_min, sigma_max, T: the forward SDE (as in ``score-sde``).
+        eps: the boundary time :math:`\epsilon` (None: the SDE's default).
+        sigma_data: :math:`\sigma_d` of the skip/output scalings.
+        teacher: a ``score-sde`` run directory to distil (None: consistency training).
+        num_scales: N of distillation (fixed, 18 in the paper's CIFAR-10 runs).
+        target_decay: :math:`\mu` of the target network in distillation.
+        rho: :math:`\rho` of the discretization :func:`karras_sigmas`.
+        s0, s1, mu0: consistency training's schedule (:func:`ct_schedule`).
+        distance: ``"l2"`` (squared Euclidean) or ``"pseudo_huber"``
+            (:math:`\sqrt{\lVert a - b \rVert^2 + c^2} - c`, Song & Dhariwal 2023, arXiv:2310.14189).
+        huber_c: :math:`c` of the pseudo-Huber distance (None: :math:`0.00054 \sqrt D`).
+        sample_steps: steps of :meth:`sample` and of the model run without ``steps``.
+        hidden, embed_dim: MLP widths and time-embedding size (also the UNet's).
+        base_channels, channel_mults, num_res_blocks, dropout, attention: UNet options.
+        net: a custom network ``net(x, c_noise) -> (B, *event_shape)``, not saved in :attr:`config`.
+
+    Example:
+        >>> cm = Consistency(2, sde="ve", sigma_max=8.0, sigma_data=2.0)
+        >>> cm.consistency_function(x, torch.full((len(x),), 0.5))  # x: (B, 2) -> (B, 2)
+        >>> cm.sample(64, steps=2)                                    # (64, 2)
+    """
+
+    observed_site = "x"
+
+    def __init__(
+        self,
+        data_dim: int,
+        *,
+        event_shape: Sequence[int] | None = None,
+        sde: str = "ve",
+        beta_min: float = 0.1,
+        beta_max: float = 20.0,
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        T: float = 1.0,
+        eps: float | None = None,
+        sigma_data: float = 0.5,
+        teacher: str | None = None,
+        num_scales: int = 18,
+        target_decay: float = 0.95,
+        rho: float = 7.0,
+        s0: int = 2,
+        s1: int = 150,
+        mu0: float = 0.9,
+        distance: str = "l2",
+        huber_c: float | None = None,
+        sample_steps: int = 1,
+        hidden: Sequence[int] = (128, 128, 128),
+        embed_dim: int = 64,
+        base_channels: int = 32,
+        channel_mults: Sequence[int] = (1, 2),
+        num_res_blocks: int = 1,
+        dropout: float = 0.0,
+        attention: bool = False,
+        net: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("data_dim", data_dim, 1)
+        if sde not in SDES:
+            raise ValueError(f"Expected sde in {SDES}, but found {sde!r}.")
+        if distance not in DISTANCES:
+            raise ValueError(f"Expected distance in {DISTANCES}, but found {distance!r}.")
+        _check_int("num_scales", num_scales, 2)
+        _check_int("sample_steps", sample_steps, 1)
+        _check_int("s0", s0, 2)
+        _check_int("s1", s1, s0)
+        for name, value in (("target_decay", target_decay), ("mu0", mu0)):
+            if not 0 <= value < 1:
+                raise ValueError(f"Expected {name} in [0, 1), but found {value!r}.")
+        if not sigma_data > 0 or not rho > 0:
+            raise ValueError(f"Expected sigma_data > 0 and rho > 0, but found {sigma_data!r}, {rho!r}.")
+        if teacher is not None and not isinstance(teacher, str):
+            raise ValueError(
+                f"Expected teacher to be a run directory (a str) or None, but found {teacher!r}."
+            )
+        event_shape = (data_dim,) if event_shape is None else tuple(int(s) for s in event_shape)
+        if math.prod(event_shape) != data_dim:
+            raise ValueError(f"Expected an event_shape with {data_dim} elements, but found {event_shape}.")
+        sde_opts = dict(beta_min=float(beta_min), beta_max=float(beta_max), sigma_min=float(sigma_min))
+        sde_opts.update(sigma_max=float(sigma_max), T=float(T), eps=None if eps is None else float(eps))
+        self._sde = build_sde(sde, **sde_opts)
+        sde_opts["eps"] = self._sde.eps
+        self.config = dict(
+            data_dim=data_dim, event_shape=list(event_shape), sde=sde, **sde_opts,
+            sigma_data=float(sigma_data), teacher=teacher, num_scales=num_scales,
+            target_decay=float(target_decay), rho=float(rho), s0=s0, s1=s1, mu0=float(mu0),
+            distance=distance, huber_c=None if huber_c is None else float(huber_c),
+            sample_steps=sample_steps, hidden=list(hidden), embed_dim=embed_dim,
+            base_channels=base_channels, channel_mults=list(channel_mults),
+            num_res_blocks=num_res_blocks, dropout=dropout, attention=attention,
+        )  # fmt: skip
+        self.data_dim, self.event_shape, self.sigma_data = data_dim, event_shape, float(sigma_data)
+        self.sample_steps = sample_steps
+        self.eps = self._sde.eps
+        self.sigma_eps = float(_sigma_of(self._sde, torch.tensor(self.eps, dtype=torch.float64)))
+        self.sigma_max_ode = float(_sigma_of(self._sde, torch.tensor(self._sde.T, dtype=torch.float64)))
+        if net is None:
+            if len(event_shape) == 3 and event_shape[1] == event_shape[2]:
+                net = UNet(
+                    event_shape[0], image_size=event_shape[1], base_channels=base_channels,
+                    channel_mults=channel_mults, num_res_blocks=num_res_blocks, embed_dim=embed_dim,
+                    dropout=dropout, attention=attention,
+                )  # fmt: skip
+            else:
+                net = MLP(data_dim, data_dim, hidden, embed_dim=embed_dim)
+        self.net = net
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
+
+    # ------------------------------------------------------------------ protocol
+
+    @property
+    def event_dim(self) -> int:
+        return self.data_dim
+
+    @property
+    def sde_object(self) -> DiffusionSDE:
+        """The forward SDE whose probability-flow ODE the model follows."""
+        return self._sde
+
+    @classmethod
+    def data_form(cls, dataset_name: str) -> str:
+        """``"centered"`` ([-1, 1]) for the digits, raw values otherwise (as ``score-sde``)."""
+        return "centered" if dataset_name == "digits" else "int"
+
+    @classmethod
+    def from_data(cls, dataset: Any, **kwargs: Any) -> Consistency:
+        r"""A model for ``dataset``; with ``teacher=RUN_DIR`` the SDE is the teacher's.
+
+        Without a teacher: ``sigma_data`` the data's std, and for VE :math:`\sigma_{\max}` the data's
+        diameter (as ``score-sde``). With one, the teacher is loaded (:func:`~probgen.models.load_method`)
+        and checked: its data shape must be the data set's, and SDE settings given in ``kwargs`` must
+        agree with it; the rest are copied from it.
+
+        Raises:
+            ValueError: the teacher is not a ``score-sde`` run, or its SDE or data shape differ.
+        """
+        x = dataset.x
+        opts: dict[str, Any] = {"data_dim": x.shape[-1], "event_shape": list(dataset.event_shape)}
+        opts.update(kwargs)
+        opts.setdefault("sigma_data", float(x.std()))
+        if opts.get("teacher") is not None:
+            teacher = load_teacher(opts["teacher"])
+            tc = teacher.config
+            if list(tc["event_shape"]) != list(opts["event_shape"]):
+                raise ValueError(
+                    f"Expected a teacher of data shape {tuple(opts['event_shape'])}, but found "
+                    f"{tuple(tc['event_shape'])} in {opts['teacher']}."
+                )
+            for key in _SDE_KEYS:
+                value = teacher.sde_object.eps if key == "eps" else tc[key]
+                if key in kwargs and kwargs[key] is not None and kwargs[key] != value:
+                    raise ValueError(
+                        f"Expected {key}={kwargs[key]!r} to match the teacher's SDE, but found "
+                        f"{key}={value!r} in {opts['teacher']}."
+                    )
+                opts[key] = value
+        elif opts.get("sde", "ve") == "ve":
+            opts.setdefault("sigma_max", max_pairwise_distance(x))
+        return cls(**opts)
+
+    def elbo(self) -> ELBO:
+        """Consistency models have no ELBO (their objective is a distance): always raises."""
+        raise NotImplementedError(
+            "a consistency model has no ELBO: its objective is a distance between two networks' outputs; "
+            "train it with probgen.inference.consistency.fit_consistency"
+        )
+
+    def check_data(self, x: Tensor) -> Tensor:
+        """Validate a batch ``x`` of shape ``(B, D)`` of finite values."""
+        super().check_data(x)
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("Expected finite data, but found NaN or infinite values.")
+        return x
+
+    # ------------------------------------------------------------------ the consistency function
+
+    def sigma(self, t: Tensor) -> Tensor:
+        r"""The noise level :math:`\sigma(t) = s_t / m_t` of the scaled state, shaped like ``t``."""
+        return _sigma_of(self._sde, t)
+
+    def scalings(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        r""":math:`(c_{\text{skip}}, c_{\text{out}}, c_{\text{in}})` at times ``t`` ``(B,)``, each ``(B,)``.
+
+        The network is conditioned on :math:`1000\, t / T` (for VE, affine in :math:`\log \sigma`).
+        """
+        sigma, sd = self.sigma(t), self.sigma_data
+        gap = sigma - self.sigma(torch.full_like(t, self.eps))  # the same arithmetic: exactly 0 at eps
+        c_skip = sd**2 / (gap.pow(2) + sd**2)
+        c_out = sd * gap / (sd**2 + sigma.pow(2)).sqrt()
+        c_in = (sd**2 + sigma.pow(2)).rsqrt()
+        return c_skip, c_out, c_in
+
+    def consistency_function(self, x: Tensor, t: Tensor | float) -> Tensor:
+        r""":math:`f_\theta(x, t)`, the estimate of :math:`x_\epsilon` on the ODE path through ``x`` at ``t``.
+
+        Args:
+            x: states ``(B, D)``.
+            t: times ``(B,)`` (or a scalar) in :math:`[\epsilon, T]`.
+
+        Returns:
+            ``(B, D)``; exactly ``x`` at :math:`t = \epsilon`.
+        """
+        if x.dim() != 2 or x.shape[-1] != self.data_dim:
+            raise ValueError(f"Expected x of shape (B, {self.data_dim}), but found {tuple(x.shape)}.")
+        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(x.shape[0])
+        if t.shape != x.shape[:1]:
+            raise ValueError(f"Expected t of shape ({x.shape[0]},), but found {tuple(t.shape)}.")
+        m_t, _ = self._sde.marginal_params(t)
+        m_eps, _ = self._sde.marginal_params(torch.full_like(t, self.eps))
+        c_skip, c_out, c_in = (append_dims(c, 2) for c in self.scalings(t))
+        h = (c_in * x / append_dims(m_t, 2)).reshape(x.shape[0], *self.event_shape)
+        out = self.net(h, 1000.0 * t / self._sde.T).reshape(x.shape)
+        # At t = eps the ratio is exactly 1, c_skip exactly 1 and c_out exactly 0: f(x, eps) = x bit for bit.
+        return c_skip * append_dims(m_eps / m_t, 2) * x + c_out * append_dims(m_eps, 2) * out
+
+    # ------------------------------------------------------------------ the generative program
+
+    def sample_sigmas(self, steps: int) -> list[float]:
+        r"""The noise levels :math:`\sigma(T) = \tau_0 > \tau_1 > \dots > \tau_{K-1}` of ``steps`` = K steps.
+
+        A fixed schedule (the paper's greedy search for the :math:`\tau_k` is not done): the first
+        K points of :func:`karras_sigmas` with K + 1 points from :math:`\sigma(T)` down to
+        :math:`\sigma_\epsilon`, i.e. the grid of the discretization at N = K + 1.
+        """
+        _check_int("steps", steps, 1)
+        if steps == 1:
+            return [self.sigma_max_ode]
+        grid = karras_sigmas(steps + 1, self.sigma_eps, self.sigma_max_ode, self.config["rho"])
+        return grid.flip(0)[:steps].tolist()
+
+    def renoise_kernel(self, x_eps: Tensor, t: Tensor) -> dist.Distribution:
+        r""":math:`q(x_t \mid x_\epsilon)` of the linear SDE, the re-noising step of multistep sampling.
+
+        :math:`\mathcal N\big(\tfrac{m_t}{m_\epsilon} x_\epsilon, (s_t^2 - \tfrac{m_t^2}{m_\epsilon^2}
+        s_\epsilon^2) I\big)`; for VE :math:`\mathcal N(x_\epsilon, (\tau^2 - \epsilon^2) I)` (Algorithm 1).
+
+        Args:
+            x_eps: ``(B, D)``.
+            t: times ``(B,)``.
+
+        Returns:
+            A ``Normal`` with batch shape ``(B,)`` and event shape ``(D,)``.
+        """
+        m_t, s_t = self._sde.marginal_params(t)
+        m_e, s_e = self._sde.marginal_params(t.new_tensor(self.eps))
+        ratio = m_t / m_e
+        std = (s_t.pow(2) - ratio.pow(2) * s_e.pow(2)).clamp_min(0).sqrt()
+        return dist.Normal(append_dims(ratio, 2) * x_eps, append_dims(std, 2).expand_as(x_eps)).to_event(1)
+
+    def model(
+        self,
+        x: Tensor | None = None,
+        batch_size: int | None = None,
+        steps: int | None = None,
+        sigmas: Sequence[float] | None = None,
+    ) -> Tensor:
+        r"""Multistep consistency sampling (Algorithm 1) as a Pyro program.
+
+        Sites: ``"x_T"`` from the prior; ``"x_hat_0"`` :math:`= f_\theta(x_T, T)` (deterministic); for
+        k = 1..K-1 ``"x_k"`` :math:`\sim` :meth:`renoise_kernel` at :math:`\tau_k` and ``"x_hat_k"``;
+        the last denoised value is the ``Delta`` site ``"x"`` (so with K = 1: ``"x_T"``, ``"x"``).
+
+        Args:
+            x: must be None (the model is generative only; see the module docstring).
+            batch_size: B.
+            steps: K >= 1 (None: ``sample_steps``).
+            sigmas: the K noise levels :math:`\tau_k`, the first :math:`\sigma(T)`, decreasing
+                (None: :meth:`sample_sigmas`).
+
+        Returns:
+            ``(B, D)`` samples.
+        """
+        if x is not None:
+            raise NotImplementedError(
+                "a consistency model scores no data: its objective is a distance between two networks' "
+                "outputs, not a log-density; train it with probgen.inference.consistency.fit_consistency"
+            )
+        steps = self.sample_steps if steps is None and sigmas is None else steps
+        sigmas = self._check_sigmas(steps, sigmas)
+        n = 1 if batch_size is None else int(batch_size)
+        times = time_of_sigma(self._sde, torch.tensor(sigmas[1:], dtype=torch.float64)).tolist()
+        times = [self._sde.T] + times
+        zeros = self._anchor.new_zeros(n, self.data_dim)
+        with pyro.plate("data", n):
+            prior = dist.Normal(zeros, self._sde.prior_std).to_event(1)
+            x_t = pyro.sample("x_T", prior)
+            x_hat = x_t
+            for k, t in enumerate(times):
+                if k > 0:
+                    t_vec = self._anchor.new_full((n,), t)
+                    x_t = pyro.sample(f"x_{k}", self.renoise_kernel(x_hat, t_vec))
+                x_hat = self.consistency_function(x_t, self._anchor.new_full((n,), t))
+                if k == len(times) - 1:
+                    return pyro.sample("x", dist.Delta(x_hat, event_dim=1))
+                x_hat = pyro.deterministic(f"x_hat_{k}", x_hat, event_dim=1)
+        raise AssertionError("unreachable")
+
+    def _check_sigmas(self, steps: int | None, sigmas: Sequence[float] | None) -> list[float]:
+        if sigmas is None:
+            return self.sample_sigmas(steps)
+        sigmas = [float(s) for s in sigmas]
+        if steps is not None and steps != len(sigmas):
+            raise ValueError(f"Expected {steps} noise levels for steps={steps}, but found {len(sigmas)}.")
+        if not sigmas or not all(a > b for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"Expected decreasing noise levels, but found {sigmas}.")
+        if not math.isclose(sigmas[0], self.sigma_max_ode, rel_tol=1e-6):
+            raise ValueError(
+                f"Expected the first noise level sigma(T) = {self.sigma_max_ode}, but found {sigmas[0]}."
+            )
+        if sigmas[-1] <= self.sigma_eps:
+            raise ValueError(
+                f"Expected noise levels above sigma(eps) = {self.sigma_eps}, but found {sigmas[-1]}."
+            )
+        return sigmas
+
+    def guide(self, x: Tensor | None = None, batch_size: int | None = None) -> None:
+        """No guide: a consistency model is not trained variationally (always raises)."""
+        raise NotImplementedError(
+            "a consistency model has no guide: it is trained by fit_consistency, not SVI"
+        )
+
+    @torch.no_grad()
+    def sample(self, num: int, steps: int | None = None, sigmas: Sequence[float] | None = None) -> Tensor:
+        """``num`` samples ``(num, D)`` by :meth:`model` with ``steps`` (None: ``sample_steps``)."""
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ValueError(f"Expected num >= 1, but found {num!r}.")
+        if steps is not None:
+            _check_int("steps", steps, 1)
+        with pyro.validation_enabled(False):
+            return self.model(None, batch_size=num, steps=steps, sigmas=sigmas)
+
+
+def load_teacher(run_dir: str, *, device: str | torch.device = "cpu") -> Method:
+    """Load a ``score-sde`` teacher from ``run_dir`` (a ``ValueError`` if it is another method)."""
+    try:
+        teacher, _ = load_method(run_dir, device=device, expected="score-sde")
+    except CheckpointError as exc:
+        raise ValueError(f"Expected a score-sde teacher run in {run_dir!r}, but found: {exc}") from exc
+    return teacher
