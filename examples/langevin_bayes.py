@@ -1,10 +1,11 @@
-"""Bayesian logistic regression sampled by SGLD, MALA and NUTS side by side.
+"""Bayesian logistic regression sampled by SGLD, MALA, HMC and NUTS side by side.
 
 The model is one Pyro program: coefficients ``w ~ N(0, s^2 I)``, intercept ``b ~ N(0, s^2)``,
 labels ``y ~ Bernoulli(sigmoid(x w + b))`` inside ``pyro.plate("data", N, subsample_size=B)``.
-NUTS (Hoffman & Gelman 2014, arXiv:1111.4246) and MALA (Roberts & Tweedie 1996) run it on the
+NUTS (Hoffman & Gelman 2014, arXiv:1111.4246), HMC (Neal 2011, arXiv:1206.1901; 10 leapfrog steps,
+step size adapted in warm-up) and MALA (Roberts & Tweedie 1996) run it on the
 full data; SGLD (Welling & Teh 2011) runs the *same* program with a minibatch plate, which
-scales the subsampled log-likelihood by N / B. All three are ``pyro.infer.MCMC`` kernels, so ESS
+scales the subsampled log-likelihood by N / B. All four are ``pyro.infer.MCMC`` kernels, so ESS
 and R-hat come from Pyro's own diagnostics.
 
 Data: scikit-learn's bundled breast-cancer set (569 tumours, 30 measurements, offline); the
@@ -35,7 +36,7 @@ import pyro.distributions as dist
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from pyro.infer import MCMC, NUTS
+from pyro.infer import HMC, MCMC, NUTS
 from pyro.ops.stats import effective_sample_size
 from sklearn.datasets import load_breast_cancer
 
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prior-scale", type=float, default=1.0)
     parser.add_argument("--samples", type=int, default=5000, help="draws kept per Langevin sampler")
     parser.add_argument("--warmup", type=int, default=1000, help="warm-up steps per Langevin sampler")
-    parser.add_argument("--nuts-samples", type=int, default=1000)
-    parser.add_argument("--nuts-warmup", type=int, default=500)
+    parser.add_argument("--nuts-samples", type=int, default=1000, help="draws of NUTS and HMC")
+    parser.add_argument("--nuts-warmup", type=int, default=500, help="warm-up of NUTS and HMC")
+    parser.add_argument("--hmc-leapfrog", type=int, default=10, help="HMC leapfrog steps per draw")
     parser.add_argument("--batch-size", type=int, default=32, help="SGLD minibatch size B")
     parser.add_argument("--sgld-step", type=float, default=1e-2, help="SGLD initial step size epsilon_0")
     parser.add_argument("--seed", type=int, default=0)
@@ -170,6 +172,9 @@ def _compare(args: argparse.Namespace) -> dict:
     results.append(run("SGLD", sgld, args.samples, args.warmup, (*model_args, args.batch_size), progress))
     pyro.set_rng_seed(args.seed)
     results.append(run("MALA", MALA(logistic_regression), args.samples, args.warmup, model_args, progress))
+    pyro.set_rng_seed(args.seed)
+    hmc = HMC(logistic_regression, num_steps=args.hmc_leapfrog)  # step size adapted during warm-up
+    results.append(run("HMC", hmc, args.nuts_samples, args.nuts_warmup, model_args, progress))
     pyro.set_rng_seed(args.seed)
     results.append(
         run("NUTS", NUTS(logistic_regression), args.nuts_samples, args.nuts_warmup, model_args, progress)

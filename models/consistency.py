@@ -51,7 +51,7 @@ from probgen.checkpoint import CheckpointError
 from probgen.models.base import Method, load_method, register
 from probgen.models.ncsn import max_pairwise_distance
 from probgen.models.score_sde import SDES, build_sde
-from probgen.nets import MLP, UNet
+from probgen.nets import denoiser_net
 from probgen.schedules import append_dims
 from probgen.sdes import DiffusionSDE
 
@@ -267,16 +267,17 @@ class Consistency(Method):
         self.eps = self._sde.eps
         self.sigma_eps = float(_sigma_of(self._sde, torch.tensor(self.eps, dtype=torch.float64)))
         self.sigma_max_ode = float(_sigma_of(self._sde, torch.tensor(self._sde.T, dtype=torch.float64)))
-        if net is None:
-            if len(event_shape) == 3 and event_shape[1] == event_shape[2]:
-                net = UNet(
-                    event_shape[0], image_size=event_shape[1], base_channels=base_channels,
-                    channel_mults=channel_mults, num_res_blocks=num_res_blocks, embed_dim=embed_dim,
-                    dropout=dropout, attention=attention,
-                )  # fmt: skip
-            else:
-                net = MLP(data_dim, data_dim, hidden, embed_dim=embed_dim)
-        self.net = net
+        net_options = dict(
+            hidden=hidden,
+            embed_dim=embed_dim,
+            base_channels=base_channels,
+            channel_mults=channel_mults,
+            num_res_blocks=num_res_blocks,
+            dropout=dropout,
+            attention=attention,
+            zero_init_last=False,
+        )
+        self.net = net if net is not None else denoiser_net(event_shape, **net_options)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
 
     # ------------------------------------------------------------------ protocol

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from probgen.distributions import DiscretizedGaussian, UniformSteps, q_marginal, q_posterior
 from probgen.elbo import AnalyticKL_ELBO
 from probgen.models.base import Method, register
-from probgen.nets import MLP, UNet
+from probgen.nets import denoiser_net
 from probgen.schedules import DiffusionSchedule, at_step, cosine_betas, linear_betas
 
 __all__ = ["DDPM", "DECODERS", "PARAMETERIZATIONS", "SCHEDULES", "VARIANCES", "WEIGHTINGS"]
@@ -201,21 +201,16 @@ class DDPM(Method):
         self.parameterization, self.variance, self.weighting = parameterization, variance, weighting
         self.decoder, self.num_levels = decoder, num_levels
         self.schedule = DiffusionSchedule.from_betas(betas_t)
-        if net is None:
-            if len(event_shape) == 3 and event_shape[1] == event_shape[2]:
-                net = UNet(
-                    event_shape[0],
-                    image_size=event_shape[1],
-                    base_channels=base_channels,
-                    channel_mults=channel_mults,
-                    num_res_blocks=num_res_blocks,
-                    embed_dim=embed_dim,
-                    dropout=dropout,
-                    attention=attention,
-                )
-            else:
-                net = MLP(data_dim, data_dim, hidden, embed_dim=embed_dim, zero_init_last=True)
-        self.net = net
+        net_options = dict(
+            hidden=hidden,
+            embed_dim=embed_dim,
+            base_channels=base_channels,
+            channel_mults=channel_mults,
+            num_res_blocks=num_res_blocks,
+            dropout=dropout,
+            attention=attention,
+        )
+        self.net = net if net is not None else denoiser_net(event_shape, **net_options)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
         self._tables_cache: dict[tuple[torch.device, torch.dtype], _Tables] = {}
 

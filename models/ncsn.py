@@ -66,7 +66,7 @@ from probgen.distributions import UniformSteps
 from probgen.elbo import AnalyticKL_ELBO
 from probgen.models.base import Method, register
 from probgen.models.score_matching import denoising_sites, langevin_chain, perturbation
-from probgen.nets import MLP, UNet
+from probgen.nets import denoiser_net
 from probgen.schedules import append_dims
 
 __all__ = ["NCSN", "geometric_sigmas", "langevin_step_size", "level_ratio", "max_pairwise_distance"]
@@ -233,21 +233,16 @@ class NCSN(Method):
         self.steps_per_level, self.denoise = steps_per_level, bool(denoise)
         self._log_sigma_max = math.log(sigma_max)
         self._log_span = math.log(sigma_max / sigma_min) if num_levels > 1 else 1.0
-        if net is None:
-            if len(event_shape) == 3 and event_shape[1] == event_shape[2]:
-                net = UNet(
-                    event_shape[0],
-                    image_size=event_shape[1],
-                    base_channels=base_channels,
-                    channel_mults=channel_mults,
-                    num_res_blocks=num_res_blocks,
-                    embed_dim=embed_dim,
-                    dropout=dropout,
-                    attention=attention,
-                )
-            else:
-                net = MLP(data_dim, data_dim, hidden, embed_dim=embed_dim, zero_init_last=True)
-        self.net = net
+        net_options = dict(
+            hidden=hidden,
+            embed_dim=embed_dim,
+            base_channels=base_channels,
+            channel_mults=channel_mults,
+            num_res_blocks=num_res_blocks,
+            dropout=dropout,
+            attention=attention,
+        )
+        self.net = net if net is not None else denoiser_net(event_shape, **net_options)
         self.register_buffer("sigmas", sigmas, persistent=False)
         self.register_buffer("sigma_data", torch.tensor(float(sigma_data)), persistent=False)
         init_range = torch.tensor([float(init_low), float(init_high)])

@@ -80,7 +80,7 @@ from torch.distributions import register_kl
 from probgen.elbo import AnalyticKL_ELBO
 from probgen.models.base import Method, register
 from probgen.models.ncsn import max_pairwise_distance
-from probgen.nets import MLP, UNet
+from probgen.nets import denoiser_net
 from probgen.schedules import append_dims
 from probgen.sdes import VESDE, VPSDE, DiffusionSDE, SubVPSDE
 
@@ -363,21 +363,16 @@ class ScoreSDE(Method):
         self.data_dim, self.event_shape, self.weighting = data_dim, event_shape, weighting
         self.importance_sampling, self.sample_steps = bool(importance_sampling), sample_steps
         self.t_min, self.sigma_data = float(t_min), float(sigma_data)
-        if net is None:
-            if len(event_shape) == 3 and event_shape[1] == event_shape[2]:
-                net = UNet(
-                    event_shape[0],
-                    image_size=event_shape[1],
-                    base_channels=base_channels,
-                    channel_mults=channel_mults,
-                    num_res_blocks=num_res_blocks,
-                    embed_dim=embed_dim,
-                    dropout=dropout,
-                    attention=attention,
-                )
-            else:
-                net = MLP(data_dim, data_dim, hidden, embed_dim=embed_dim, zero_init_last=True)
-        self.net = net
+        net_options = dict(
+            hidden=hidden,
+            embed_dim=embed_dim,
+            base_channels=base_channels,
+            channel_mults=channel_mults,
+            num_res_blocks=num_res_blocks,
+            dropout=dropout,
+            attention=attention,
+        )
+        self.net = net if net is not None else denoiser_net(event_shape, **net_options)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
         self._proposals: dict[tuple[torch.device, torch.dtype], TimeProposal] = {}
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "SinusoidalEmbedding", "UNet"]
+__all__ = ["MLP", "SinusoidalEmbedding", "UNet", "denoiser_net"]
 
 _ACTIVATIONS = {
     "silu": nn.SiLU,
@@ -397,3 +397,43 @@ class UNet(nn.Module):
                 h = block(h)
         h = self.conv_out(F.silu(self.norm_out(h)))
         return h.reshape(*lead, *h.shape[1:])
+
+
+def denoiser_net(
+    event_shape: Sequence[int],
+    *,
+    hidden: Sequence[int] = (128, 128, 128),
+    embed_dim: int = 64,
+    base_channels: int = 32,
+    channel_mults: Sequence[int] = (1, 2),
+    num_res_blocks: int = 1,
+    dropout: float = 0.0,
+    attention: bool = False,
+    zero_init_last: bool = True,
+) -> nn.Module:
+    """The time-conditioned network ``net(x, t) -> x``-shaped output that the diffusion methods share.
+
+    Square images ``(C, H, H)`` get a :class:`UNet`; anything else is flattened to ``D`` and gets an
+    :class:`MLP` ``D -> hidden -> D`` with a sinusoidal time embedding.
+
+    Args:
+        event_shape: the shape of one example, e.g. ``(2,)`` or ``(1, 8, 8)``.
+        hidden: MLP widths.
+        embed_dim: size of the time embedding (both networks).
+        base_channels, channel_mults, num_res_blocks, dropout, attention: UNet options.
+        zero_init_last: start the MLP's output layer at zero (the output starts at 0).
+    """
+    event_shape = tuple(int(n) for n in event_shape)
+    if len(event_shape) == 3 and event_shape[1] == event_shape[2]:
+        return UNet(
+            event_shape[0],
+            image_size=event_shape[1],
+            base_channels=base_channels,
+            channel_mults=channel_mults,
+            num_res_blocks=num_res_blocks,
+            embed_dim=embed_dim,
+            dropout=dropout,
+            attention=attention,
+        )
+    dim = math.prod(event_shape)
+    return MLP(dim, dim, hidden, embed_dim=embed_dim, zero_init_last=zero_init_last)

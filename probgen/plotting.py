@@ -24,6 +24,7 @@ from torch import Tensor
 
 __all__ = [
     "save_image_grid",
+    "save_image_panel",
     "save_line_plot",
     "save_loss_curves",
     "save_scatter_2d",
@@ -190,6 +191,68 @@ def save_image_grid(
     ax.set_axis_off()
     if title:
         fig.text(0.5, 1.0 - 0.5 * title_px / (height_px + title_px), title, ha="center", va="center")
+    return _save(fig, path)
+
+
+def save_image_panel(
+    panels: Mapping[str, Tensor],
+    path: str | os.PathLike,
+    *,
+    image_shape: tuple[int, ...] | None = None,
+    nrow: int = 6,
+    value_range: tuple[float, float] = (0.0, 16.0),
+    ncols: int | None = None,
+    title: str | None = None,
+) -> Path:
+    r"""Saves several named image sets side by side, each as a small grid with its name above.
+
+    Args:
+        panels: name -> images, each (B_i, D) flat (with ``image_shape``, or square grey), (B_i, H, W)
+            or (B_i, C, H, W) with C in {1, 3}; the first ``nrow * nrow`` of each are shown.
+        path: where to write the PNG.
+        image_shape: (H, W) or (C, H, W) of one image, for flat images.
+        nrow: images per row (and rows) of each panel's grid.
+        value_range: (low, high) mapped to black and white, for every panel.
+        ncols: panels per row; default ``min(len(panels), 4)``.
+        title: optional title over all panels.
+
+    Returns:
+        The path written.
+    """
+    if not isinstance(panels, Mapping) or not panels:
+        raise ValueError(f"Expected a non-empty mapping of name -> images, but found {panels!r}.")
+    _check_positive_int("nrow", nrow)
+    lo, hi = (float(v) for v in value_range)
+    if not hi > lo:
+        raise ValueError(f"Expected value_range (low, high) with high > low, but found {value_range}.")
+    ncols = min(len(panels), 4) if ncols is None else ncols
+    _check_positive_int("ncols", ncols)
+    mosaics = {}
+    for name, images in panels.items():
+        arr = _as_bchw(images, image_shape)[: nrow * nrow]
+        arr = np.clip((np.nan_to_num(arr, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+        if arr.shape[1] == 1:
+            arr = np.repeat(arr, 3, axis=1)
+        b, _, h, w = arr.shape
+        rows = math.ceil(b / nrow)
+        mosaic = np.empty((rows * (h + 1) + 1, nrow * (w + 1) + 1, 3))
+        mosaic[:] = _GAP_RGB
+        for i in range(b):
+            r, col = divmod(i, nrow)
+            mosaic[1 + r * (h + 1) : (r + 1) * (h + 1), 1 + col * (w + 1) : (col + 1) * (w + 1)] = arr[
+                i
+            ].transpose(1, 2, 0)
+        mosaics[str(name)] = mosaic
+    nrows = math.ceil(len(mosaics) / ncols)
+    fig = _new_figure(2.6 * ncols, 2.8 * nrows + (0.3 if title else 0.0))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, (name, mosaic) in zip(axes.flat, mosaics.items()):
+        ax.imshow(mosaic, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -21,7 +21,7 @@ def test_langevin_bayes_tiny(tmp_path):
     report = module.main(argv + ["--out", str(out), "--no-progress"])
     for name in ("posterior.png", "traces.png"):
         assert _is_png(out / name), name
-    assert json.loads((out / "report.json").read_text())["samplers"].keys() == {"SGLD", "MALA", "NUTS"}
+    assert json.loads((out / "report.json").read_text())["samplers"].keys() == {"SGLD", "MALA", "HMC", "NUTS"}
     for entry in report["samplers"].values():
         assert entry["draws"] == 20 and len(entry["posterior_mean"]) == 4
         assert entry["seconds_per_effective_sample"] > 0 and 0 <= entry["held_out_accuracy"] <= 1

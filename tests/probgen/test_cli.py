@@ -511,3 +511,14 @@ def test_module_and_console_script_run():
     )
     assert done.returncode == 2 and done.stderr.startswith("probgen: error: ") and "--out" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_compare_quick_and_zero_budget(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", "moons", "--methods", "vae,flow", "--quick", "--out", str(out)]
+    argv.append("--no-progress")
+    assert main(argv) == 0
+    assert (out / "compare.md").is_file() and (out / "compare.png").read_bytes().startswith(PNG_MAGIC)
+    capsys.readouterr()
+    assert main(["compare", "--data", "moons", "--steps", "0", "--out", str(out)]) == 2
+    _assert_one_line_error(capsys, "Expected a positive budget")
