@@ -26,15 +26,14 @@ to ``hand`` (the issue's target is at most 1.10x).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 
 import pyro
 import torch
-from timing import run_cases  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
+from timing import run_cases, train_steps  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
 
 from probgen.data import load_dataset
-from probgen.inference import ELBOLoss, ancestral_sample
+from probgen.inference import ancestral_sample
 from probgen.models import DDPM
 
 
@@ -64,25 +63,6 @@ def hand_sample(ddpm: DDPM, num: int) -> torch.Tensor:
     return ((x + 1) * (ddpm.num_levels / 2)).floor().clamp(0, ddpm.num_levels - 1)
 
 
-def train_steps(ddpm: DDPM, x: torch.Tensor, lr: float) -> dict:
-    m_pyro, m_hand = copy.deepcopy(ddpm), copy.deepcopy(ddpm)
-    objective = ELBOLoss(m_pyro, m_pyro.elbo())
-    opt_pyro = torch.optim.Adam(m_pyro.parameters(), lr=lr)
-    opt_hand = torch.optim.Adam(m_hand.parameters(), lr=lr)
-
-    def pyro_step():
-        opt_pyro.zero_grad(set_to_none=True)
-        objective(x).backward()
-        opt_pyro.step()
-
-    def hand_step():
-        opt_hand.zero_grad(set_to_none=True)
-        hand_loss(m_hand, x).backward()
-        opt_hand.step()
-
-    return {"hand": hand_step, "pyro": pyro_step}
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
@@ -105,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     for weighting in ("simple", "elbo"):
         ddpm = DDPM.from_data(digits, weighting=weighting)
         cases[f"train step, digits UNet, B=128, Adam, weighting={weighting}"] = (
-            train_steps(ddpm, x, 1e-3),
+            train_steps(ddpm, hand_loss, x, 1e-3),
             args.rounds,
             args.steps,
             5,

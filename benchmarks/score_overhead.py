@@ -26,16 +26,15 @@ to ``hand`` (the issues' targets: at most 1.10x).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 
 import pyro
 import torch
 import torchsde
-from timing import run_cases  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
+from timing import run_cases, train_steps  # benchmarks/timing.py (scripts run with benchmarks/ on sys.path)
 
 from probgen.data import load_dataset
-from probgen.inference import ELBOLoss, reverse_sde_sample
+from probgen.inference import reverse_sde_sample
 from probgen.models import NCSN, ScoreSDE
 from probgen.sdes import append_dims
 
@@ -54,25 +53,6 @@ def score_sde_hand_loss(m: ScoreSDE, x: torch.Tensor) -> torch.Tensor:
     z = torch.randn_like(x)
     s = m.score(mean * x + std * z, t)
     return 0.5 * (std * s + z).square().sum(-1).mean()
-
-
-def train_steps(method, hand_loss, x: torch.Tensor, lr: float = 1e-3) -> dict:
-    m_pyro, m_hand = copy.deepcopy(method), copy.deepcopy(method)
-    objective = ELBOLoss(m_pyro, m_pyro.elbo())
-    opt_pyro = torch.optim.Adam(m_pyro.parameters(), lr=lr)
-    opt_hand = torch.optim.Adam(m_hand.parameters(), lr=lr)
-
-    def pyro_step():
-        opt_pyro.zero_grad(set_to_none=True)
-        objective(x).backward()
-        opt_pyro.step()
-
-    def hand_step():
-        opt_hand.zero_grad(set_to_none=True)
-        hand_loss(m_hand, x).backward()
-        opt_hand.step()
-
-    return {"hand": hand_step, "pyro": pyro_step}
 
 
 @torch.no_grad()

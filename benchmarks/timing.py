@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["measure", "run_cases"]
+import torch
+
+from probgen.inference import ELBOLoss
+
+__all__ = ["measure", "run_cases", "train_steps"]
 
 
 def measure(
@@ -56,3 +61,24 @@ def run_cases(cases: dict[str, Case], base: str = "hand") -> dict:
             med, low = f"{ms[k]:9.1f} ms  x{ratio[k]:.3f}", f"{fastest[k]:9.1f} ms  x{ratio_min[k]:.3f}"
             print(f"  {k:<{width}} {med}   {low}")
     return report
+
+
+def train_steps(method, hand_loss, x: torch.Tensor, lr: float = 1e-3) -> dict:
+    """One Adam step of the method's Pyro objective (``"pyro"``) and of ``hand_loss(method, x)``
+    (``"hand"``) on two copies of the same method."""
+    m_pyro, m_hand = copy.deepcopy(method), copy.deepcopy(method)
+    objective = ELBOLoss(m_pyro, m_pyro.elbo())
+    opt_pyro = torch.optim.Adam(m_pyro.parameters(), lr=lr)
+    opt_hand = torch.optim.Adam(m_hand.parameters(), lr=lr)
+
+    def pyro_step():
+        opt_pyro.zero_grad(set_to_none=True)
+        objective(x).backward()
+        opt_pyro.step()
+
+    def hand_step():
+        opt_hand.zero_grad(set_to_none=True)
+        hand_loss(m_hand, x).backward()
+        opt_hand.step()
+
+    return {"hand": hand_step, "pyro": pyro_step}
