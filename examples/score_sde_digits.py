@@ -19,7 +19,7 @@ weights.
   (``probgen.inference.conditioning.inpaint``; the replacement method is biased for correlated
   pixels, the SMC sampler is consistent as the particles grow).
 
-    python examples/score_sde_digits.py                    # about 4 minutes on 2 CPU cores
+    python examples/score_sde_digits.py                    # about 8 minutes on 2 CPU cores
     python examples/score_sde_digits.py --steps 10 --nll-examples 4 --grid 16 --sample-steps 20 \\
         --inpaint-examples 2 --inpaint-steps 20 --base-channels 8 --out /tmp/sd     # smoke test
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sde", choices=SDES, default="vp")
     parser.add_argument("--weighting", choices=WEIGHTINGS, default="sigma2")
-    parser.add_argument("--steps", type=int, default=3000, help="training steps")
+    parser.add_argument("--steps", type=int, default=6000, help="training steps")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema-decay", type=float, default=0.999)

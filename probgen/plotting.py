@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -509,10 +510,20 @@ def save_line_plot(
         if logy:
             _check_log(ys, "y", name)
         curves[str(name)] = (xs, ys)
-    fig = _new_figure(6.0, 4.0)
+    # Names "group: curve" share a line style per group and a colour per curve, so one method keeps
+    # its colour across data sets; many curves move the legend outside the axes.
+    groups = list(dict.fromkeys(n.split(": ", 1)[0] for n in curves if ": " in n))
+    kinds = list(dict.fromkeys(n.split(": ", 1)[-1] for n in curves))
+    palette = matplotlib.colormaps["tab10" if len(kinds) <= 10 else "tab20"]
+    styles = ("-", "--", ":", "-.")
+    outside = len(curves) > 6
+    fig = _new_figure(9.0 if outside else 6.0, 4.5 if outside else 4.0)
     ax = fig.add_subplot()
     for name, (xs, ys) in curves.items():
-        ax.plot(xs, ys, lw=1.3, marker="o", ms=4, label=name)
+        group, kind = name.split(": ", 1) if ": " in name else ("", name)
+        style = styles[groups.index(group) % len(styles)] if group else "-"
+        color = palette(kinds.index(kind) % palette.N)
+        ax.plot(xs, ys, lw=1.3, ls=style, color=color, marker="o", ms=4, label=name)
     if logx:
         ax.set_xscale("log")
     if logy:
@@ -520,7 +531,10 @@ def save_line_plot(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both" if (logx or logy) else "major")
-    ax.legend(fontsize=9)
+    if outside:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend(fontsize=9)
     if title:
         ax.set_title(title)
     return _save(fig, path)

@@ -63,12 +63,13 @@ def check_finite(y: Tensor, t: float | Tensor, what: str = "the state") -> Tenso
         t: the (forward) time at which it was met: a float or a tensor of times.
         what: what ``y`` is, for the message.
     """
-    if not bool(torch.isfinite(y).all()):
+    if not math.isfinite(float(y.sum())):  # one reduction: any NaN or inf (or overflow) makes it non-finite
         times = torch.as_tensor(t, dtype=torch.float64).flatten()
         when = f"{float(times[0]):.6g}" if times.numel() else "?"
         bad = int((~torch.isfinite(y)).sum())
+        found = f"{bad} non-finite entries" if bad else "entries so large that their sum overflows"
         raise IntegrationError(
-            f"Expected finite values during integration, but found {bad} non-finite entries in {what} "
+            f"Expected finite values during integration, but found {found} in {what} "
             f"at t = {when}; the score or the step size diverges there (try more steps or a tighter "
             "tolerance)."
         )
@@ -492,7 +493,7 @@ class ReverseSDE(torchsde.SDEIto):
         self.sde = sde
         self.score_fn = score_fn
         self.T = sde.T
-        self._last: tuple[float | Tensor, Tensor, tuple[Tensor, Tensor]] | None = None
+        self.__dict__["_last"] = None  # (s, y, (drift, g)) of the last evaluation
 
     def f(self, s: float | Tensor, y: Tensor) -> Tensor:
         """Reverse drift at reversed time ``s`` and ``y`` ``(B, D)``; ``(B, D)``."""
@@ -508,7 +509,7 @@ class ReverseSDE(torchsde.SDEIto):
         drift, g = self.sde.sde(y, t)
         g = append_dims(g, y.ndim)
         out = (g.square() * self.score_fn(y, t) - drift, g)
-        self._last = (s, y, out)
+        self.__dict__["_last"] = (s, y, out)  # nn.Module.__setattr__ costs as much as a small kernel
         return out
 
     def g(self, s: float | Tensor, y: Tensor) -> Tensor:
