@@ -304,7 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the teacher's DDIM steps (default 256; a distilled teacher's own K)",
     )
     p.add_argument("--to-steps", type=_positive_int, default=4, help="the last student's steps (default 4)")
-    p.add_argument("--steps-per-stage", type=_positive_int, default=1000, help="training steps per stage")
+    p.add_argument(
+        "--steps-per-stage",
+        type=_steps_list,
+        default=1000,
+        metavar="N[,N...]",
+        help="training steps per stage: one number, or one per stage, first stage first (default 1000)",
+    )
     p.add_argument("--batch-size", type=_positive_int, default=128)
     p.add_argument("--lr", type=_positive_float, default=3e-4)
     p.add_argument("--parameterization", choices=("v", "x0"), default="v")
@@ -443,6 +449,12 @@ def _fmt(value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------- commands
+
+
+def _steps_list(text: str) -> int | list[int]:
+    """``--steps-per-stage``: ``N`` or ``N1,N2,...``, each a positive int."""
+    values = [_positive_int(part) for part in text.split(",")]
+    return values[0] if len(values) == 1 else values
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

@@ -58,3 +58,18 @@ def test_score_overhead_times_every_case(threads, capsys):
     assert len(report) == 6
     for case in report.values():
         assert case["ratio_median"]["hand"] == 1.0 and all(v > 0 for v in case["ms_median"].values())
+
+
+def test_distill_digits_fd_distils_and_compares_with_its_teacher(tmp_path, threads):
+    run = tmp_path / "ddpm"
+    argv = ["train", "ddpm", "--data", "digits", "--out", str(run), "--steps", "2", "--val-every", "2"]
+    assert cli([*argv, "--no-progress", "--device", "cpu"]) == 0
+    module = _load("distill_digits_fd")
+    out = tmp_path / "pd"
+    argv = ["--teacher", str(run), "--out", str(out), "--steps-per-stage", "1", "--samples", "16"]
+    report = module.main([*argv, "--batch-size", "8"])
+    assert report["stages"] == [128, 64, 32, 16, 8, 4]
+    rows = report["frechet_distance"]
+    assert set(rows) == {"floor: train vs test", "teacher DDIM 256", "distilled 128", "distilled 4"}
+    assert report["ratio_4_over_teacher"] == rows["distilled 4"] / rows["teacher DDIM 256"]
+    assert json.loads((out / "fd.json").read_text())["samples"] == 16

@@ -261,3 +261,13 @@ def test_cli_handler_distils_a_teacher_run(tmp_path, capsys):
     method, info = load_method(tmp_path / "d" / "stage-1")
     assert method.steps == 1 and info["data"] == "eight_gaussians" and info["teacher_run"].endswith("teacher")
     assert "stage-1" in capsys.readouterr().out
+
+
+def test_cli_steps_per_stage_takes_one_budget_or_one_per_stage():
+    from probgen.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["distill", "run", "--steps-per-stage", "7"]).steps_per_stage == 7
+    assert parse(["distill", "run", "--steps-per-stage", "1000,250,250"]).steps_per_stage == [1000, 250, 250]
+    with pytest.raises(SystemExit):
+        parse(["distill", "run", "--steps-per-stage", "10,0"])
