@@ -40,23 +40,39 @@ from probgen.plotting import save_line_plot
 DDIM_STEPS = (10, 20, 50, 100)
 
 
-def sweep(method: DDPM, num: int, distance, ddim_steps, variants, seed: int) -> list[dict]:
-    """Distance of ancestral and DDIM samples (same seed for every sampler), with timings."""
-    rows = []
-    start = time.perf_counter()
-    x = ancestral_sample(method, num, generator=torch.Generator().manual_seed(seed))
-    rows.append(
-        dict(sampler="ancestral", steps=method.T, distance=distance(x), seconds=time.perf_counter() - start)
-    )
+def sweep(method: DDPM, num: int, distance, ddim_steps, variants, seed: int, seeds: int = 1) -> list[dict]:
+    """Distance of ancestral and DDIM samples (same seeds for every sampler), with timings.
+
+    With ``seeds = K > 1`` every sampler draws ``num`` samples under each of the seeds
+    ``seed, ..., seed + K - 1``; ``distance`` is then that of the pooled ``K * num`` samples,
+    ``per_seed`` lists the K distances of ``num`` samples each and ``stderr`` is their standard error.
+    """
+    seed_list = [seed + i for i in range(seeds)]
+
+    def row(sampler: str, steps: int, draw) -> dict:
+        start = time.perf_counter()
+        chunks = [draw(torch.Generator().manual_seed(s)) for s in seed_list]
+        out = dict(sampler=sampler, steps=steps, seconds=time.perf_counter() - start)
+        out["distance"] = distance(torch.cat(chunks))
+        if seeds > 1:
+            per_seed = torch.tensor([distance(x) for x in chunks], dtype=torch.float64)
+            out.update(per_seed=per_seed.tolist(), stderr=float(per_seed.std() / seeds**0.5))
+        return out
+
+    rows = [row("ancestral", method.T, lambda g: ancestral_sample(method, num, generator=g))]
     for eta, spacing in variants:
         for s in ddim_steps:
             if s > method.T:
                 continue
-            start = time.perf_counter()
-            gen = torch.Generator().manual_seed(seed)
-            x = ddim_sample(method, num, steps=s, eta=eta, spacing=spacing, generator=gen)
-            seconds = time.perf_counter() - start
-            rows.append(dict(sampler=_label(eta, spacing), steps=s, distance=distance(x), seconds=seconds))
+            rows.append(
+                row(
+                    _label(eta, spacing),
+                    s,
+                    lambda g, s=s, eta=eta, spacing=spacing: ddim_sample(
+                        method, num, steps=s, eta=eta, spacing=spacing, generator=g
+                    ),
+                )
+            )
     return rows
 
 
@@ -109,7 +125,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ema-decay", type=float, default=0.999, help="0 for none")
     parser.add_argument("--toy-samples", type=int, default=5000)
     parser.add_argument("--digits-run", type=Path, default=None)
-    parser.add_argument("--digits-samples", type=int, default=500)
+    parser.add_argument("--digits-samples", type=int, default=500, help="samples per seed")
+    parser.add_argument(
+        "--digits-seeds",
+        type=int,
+        default=1,
+        help="repeat the digits samplers under K seeds: distances of the pooled K * samples, with the "
+        "standard error of the per-seed ones (Fréchet distances of a few hundred samples vary by ~0.5)",
+    )
+    parser.add_argument("--no-toy", action="store_true", help="measure the digits only")
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=list(DDIM_STEPS))
     parser.add_argument("--variants", type=_variant, nargs="+", default=[(0.0, "linear"), (1.0, "quadratic")])
     parser.add_argument("--seed", type=int, default=0)
@@ -121,27 +145,31 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     report: dict = {}
-    method, toy, info = toy_model(args)
-    test, val = load_dataset(toy, "test"), load_dataset(toy, "val")
-    n = min(args.toy_samples, test.x.shape[0])
-    ref = test.x[:n]
-    report[toy] = dict(
-        metric="sliced Wasserstein-2",
-        model=info,
-        floor=sliced_wasserstein(val.x[:n], ref),
-        rows=sweep(
-            method, n, lambda x: sliced_wasserstein(x, ref), args.ddim_steps, args.variants, args.seed
-        ),
-    )
+    if not args.no_toy:
+        method, toy, info = toy_model(args)
+        test, val = load_dataset(toy, "test"), load_dataset(toy, "val")
+        n = min(args.toy_samples, test.x.shape[0])
+        ref = test.x[:n]
+        report[toy] = dict(
+            metric="sliced Wasserstein-2",
+            model=info,
+            floor=sliced_wasserstein(val.x[:n], ref),
+            rows=sweep(
+                method, n, lambda x: sliced_wasserstein(x, ref), args.ddim_steps, args.variants, args.seed
+            ),
+        )
     if args.digits_run is not None:
         if (args.digits_run / "last.json").is_file() or (args.digits_run / "best.json").is_file():
             digits, meta = load_method(args.digits_run)
             test_d, train_d = load_dataset("digits", "test"), load_dataset("digits", "train")
-            m = args.digits_samples
+            m, k = args.digits_samples, args.digits_seeds
             report["digits"] = dict(
                 metric="Fréchet distance (digits classifier features)",
                 model={"run": str(args.digits_run), "tag": meta["tag"]},
-                floor=digits_frechet_distance(train_d.x[:m], test_d.x),
+                samples=m * k,
+                seeds=k,
+                # as many training images as pooled samples, at most the whole split (1350)
+                floor=digits_frechet_distance(train_d.x[: m * k], test_d.x),
                 rows=sweep(
                     digits,
                     m,
@@ -149,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
                     args.ddim_steps,
                     args.variants,
                     args.seed,
+                    seeds=k,
                 ),
             )
         else:
@@ -159,17 +188,20 @@ def main(argv: list[str] | None = None) -> dict:
         rows = res["rows"]
         anc = rows[0]["distance"]
         res["ddim50_over_ancestral"] = {}
+        seeds = res.get("seeds", 1)
+        pooled = f", {res['samples']} samples pooled over {seeds} seeds" if seeds > 1 else ""
         lines += [
-            f"### {name}: {res['metric']} (floor, data vs data: {res['floor']:.4f})",
+            f"### {name}: {res['metric']} (floor, data vs data: {res['floor']:.4f}{pooled})",
             "",
-            "| sampler | steps | distance | / ancestral | seconds |",
-            "| --- | ---: | ---: | ---: | ---: |",
+            "| sampler | steps | distance | per seed: mean ± s.e. | / ancestral | seconds |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
-        lines += [
-            f"| {r['sampler']} | {r['steps']} | {r['distance']:.4f} | {r['distance'] / anc:.2f} | "
-            f"{r['seconds']:.1f} |"
-            for r in rows
-        ]
+        for r in rows:
+            spread = f"{sum(r['per_seed']) / seeds:.3f} ± {r['stderr']:.3f}" if "per_seed" in r else ""
+            lines.append(
+                f"| {r['sampler']} | {r['steps']} | {r['distance']:.4f} | {spread} | "
+                f"{r['distance'] / anc:.2f} | {r['seconds']:.1f} |"
+            )
         lines.append("")
         series[f"{name}: ancestral"] = ([rows[0]["steps"]], [anc / res["floor"]])
         for eta, spacing in args.variants:
@@ -179,12 +211,18 @@ def main(argv: list[str] | None = None) -> dict:
                 [r["steps"] for r in ddim],
                 [r["distance"] / res["floor"] for r in ddim],
             )
-            ddim50 = next((r["distance"] for r in ddim if r["steps"] == 50), None)
-            if ddim50 is not None:
-                res["ddim50_over_ancestral"][label] = ddim50 / anc
+            row50 = next((r for r in ddim if r["steps"] == 50), None)
+            if row50 is not None:
+                ratio = row50["distance"] / anc
+                res["ddim50_over_ancestral"][label] = ratio
+                paired = ""
+                if "per_seed" in row50:  # the ratio under each seed, as a check on the pooled one
+                    per = torch.tensor(row50["per_seed"]) / torch.tensor(rows[0]["per_seed"])
+                    res.setdefault("ddim50_over_ancestral_per_seed", {})[label] = per.tolist()
+                    paired = f"; per seed {per.mean():.2f} ± {per.std() / seeds**0.5:.2f} (s.e.)"
                 lines.append(
                     f"{label}, 50 steps / ancestral-{rows[0]['steps']}: "
-                    f"**{ddim50 / anc:.2f}x** (target <= 1.2x)  "
+                    f"**{ratio:.2f}x** (target <= 1.2x){paired}  "
                 )
         lines.append("")
     table = "\n".join(lines)
