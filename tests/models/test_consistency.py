@@ -206,3 +206,23 @@ def test_from_data_takes_and_checks_the_teachers_sde(tmp_path):
         Consistency.from_data(ds3, teacher=str(tmp_path / "t"))
     with pytest.raises(ValueError, match="score-sde teacher"):
         Consistency.from_data(ds, teacher=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("teacher, n", [(None, 21), ("runs/teacher", 18)])
+def test_sample_sigmas_are_levels_the_network_was_trained_at(teacher, n):
+    cm = Consistency(
+        2, sde="ve", sigma_max=8.0, num_scales=18, s1=20, teacher=teacher, hidden=(4,), embed_dim=4
+    )
+    grid = cm.training_sigmas()
+    assert cm.grid_size == n and grid.shape == (n,)
+    assert_close(grid[[0, -1]], torch.tensor([cm.sigma_eps, cm.sigma_max_ode], dtype=torch.float64))
+    for steps in range(1, n):
+        taus = cm.sample_sigmas(steps)
+        assert (
+            len(taus) == steps and taus[0] == cm.sigma_max_ode and all(a > b for a, b in zip(taus, taus[1:]))
+        )
+        assert all(any(abs(t - g) < 1e-12 for g in grid.tolist()[1:]) for t in taus)
+    # two steps go through the middle level of the grid (rounded down for N = 18: index 8.5 -> 8)
+    assert cm.sample_sigmas(2)[1] == float(grid[{21: 10, 18: 8}[n]])
+    with pytest.raises(ValueError, match=f"Expected steps <= {n - 1}"):
+        cm.sample_sigmas(n)
