@@ -408,14 +408,21 @@ def _train_digits_classifier() -> nn.Module:
     generator = torch.Generator().manual_seed(_CLASSIFIER_SEED)
     optim = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
     net.train()
-    with torch.enable_grad():
-        for _ in range(_CLASSIFIER_EPOCHS):
-            order = torch.randperm(x.shape[0], generator=generator)
-            for start in range(0, x.shape[0], _CLASSIFIER_BATCH):
-                idx = order[start : start + _CLASSIFIER_BATCH]
-                optim.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
-                optim.step()
+    # One thread: the reductions' order, hence the weights bit for bit, would otherwise depend on
+    # torch's thread count (1e-5 apart between 1 and 2 threads), and so would every distance.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.enable_grad():
+            for _ in range(_CLASSIFIER_EPOCHS):
+                order = torch.randperm(x.shape[0], generator=generator)
+                for start in range(0, x.shape[0], _CLASSIFIER_BATCH):
+                    idx = order[start : start + _CLASSIFIER_BATCH]
+                    optim.zero_grad(set_to_none=True)
+                    nn.functional.cross_entropy(net(x[idx]), y[idx]).backward()
+                    optim.step()
+    finally:
+        torch.set_num_threads(threads)
     net.eval()
     net.requires_grad_(False)
     return net

@@ -264,10 +264,12 @@ def test_cli_handler_distils_a_teacher_run(tmp_path, capsys):
 
 
 def test_cli_steps_per_stage_takes_one_budget_or_one_per_stage():
-    from probgen.cli import build_parser
+    from probgen.cli import UsageError, build_parser
 
-    parse = build_parser().parse_args
-    assert parse(["distill", "run", "--steps-per-stage", "7"]).steps_per_stage == 7
-    assert parse(["distill", "run", "--steps-per-stage", "1000,250,250"]).steps_per_stage == [1000, 250, 250]
-    with pytest.raises(SystemExit):
-        parse(["distill", "run", "--steps-per-stage", "10,0"])
+    def parse(value: str):
+        return build_parser().parse_args(["distill", "run", "--out", "d", "--steps-per-stage", value])
+
+    assert parse("7").steps_per_stage == 7
+    assert parse("1000,250,250").steps_per_stage == [1000, 250, 250]
+    with pytest.raises(UsageError, match="steps-per-stage"):
+        parse("10,0")

@@ -318,3 +318,17 @@ def test_mode_coverage_collapsed_and_off_manifold():
         mode_coverage(far, centres, std, min_fraction=0.0)
     with pytest.raises(ValueError, match="Expected std"):
         mode_coverage(far, centres, -1.0)
+
+
+def test_digits_classifier_does_not_depend_on_the_thread_count():
+    saved = torch.get_num_threads()
+    try:
+        weights = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            weights[n] = _train_digits_classifier().state_dict()
+            assert torch.get_num_threads() == n  # restored
+    finally:
+        torch.set_num_threads(saved)
+    for name, p in weights[1].items():
+        assert torch.equal(p, weights[2][name]), name
