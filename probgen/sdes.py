@@ -63,7 +63,8 @@ def check_finite(y: Tensor, t: float | Tensor, what: str = "the state") -> Tenso
         t: the (forward) time at which it was met: a float or a tensor of times.
         what: what ``y`` is, for the message.
     """
-    if not math.isfinite(float(y.sum())):  # one reduction: any NaN or inf (or overflow) makes it non-finite
+    # One reduction: any NaN or inf (or an overflow) makes the sum non-finite.
+    if not math.isfinite(float(y.detach().sum())):
         times = torch.as_tensor(t, dtype=torch.float64).flatten()
         when = f"{float(times[0]):.6g}" if times.numel() else "?"
         bad = int((~torch.isfinite(y)).sum())
