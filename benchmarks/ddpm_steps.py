@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variance", choices=("beta", "beta_tilde"), default="beta")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="0 for none")
     parser.add_argument("--toy-samples", type=int, default=5000)
+    parser.add_argument("--toy-seeds", type=int, default=1, help="as --digits-seeds, for the toy")
     parser.add_argument("--digits-run", type=Path, default=None)
     parser.add_argument("--digits-samples", type=int, default=500, help="samples per seed")
     parser.add_argument(
@@ -153,9 +154,17 @@ def main(argv: list[str] | None = None) -> dict:
         report[toy] = dict(
             metric="sliced Wasserstein-2",
             model=info,
+            samples=n * args.toy_seeds,
+            seeds=args.toy_seeds,
             floor=sliced_wasserstein(val.x[:n], ref),
             rows=sweep(
-                method, n, lambda x: sliced_wasserstein(x, ref), args.ddim_steps, args.variants, args.seed
+                method,
+                n,
+                lambda x: sliced_wasserstein(x, ref),
+                args.ddim_steps,
+                args.variants,
+                args.seed,
+                seeds=args.toy_seeds,
             ),
         )
     if args.digits_run is not None:

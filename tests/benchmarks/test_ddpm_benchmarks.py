@@ -68,3 +68,12 @@ def test_ddpm_overhead_times_training_and_sampling(tmp_path, threads):  # noqa: 
     argv = ["--rounds", "1", "--steps", "1", "--sample-rounds", "1", "--sample-T", "3", "--sample-batch", "4"]
     report = _load("ddpm_overhead").main([*argv, "--threads", "1", "--json", str(tmp_path / "o.json")])
     assert json.loads((tmp_path / "o.json").read_text()).keys() == report.keys()
+
+
+def test_ddpm_steps_repeats_the_toy_over_seeds(tmp_path, threads):  # noqa: F811
+    run = _ddpm_run(tmp_path, "eight_gaussians")
+    argv = ["--toy-run", str(run), "--toy-samples", "30", "--toy-seeds", "2", "--ddim-steps", "5"]
+    report = _load("ddpm_steps").main([*argv, "--threads", "1", "--out", str(tmp_path / "o")])
+    toy = report["eight_gaussians"]
+    assert toy["seeds"] == 2 and toy["samples"] == 60
+    assert all(len(r["per_seed"]) == 2 for r in toy["rows"])
