@@ -42,6 +42,8 @@ class Method(PyroModule):
 
     name: ClassVar[str] = ""
     observed_site: ClassVar[str] = "x"
+    #: whether :meth:`check_data` also rejects NaN and infinite values (the continuous-data methods).
+    finite_data: ClassVar[bool] = False
     config: dict[str, Any]
 
     def model(self, x: torch.Tensor | None = None, batch_size: int | None = None) -> None:
@@ -75,7 +77,7 @@ class Method(PyroModule):
         raise NotImplementedError
 
     def check_data(self, x: torch.Tensor) -> torch.Tensor:
-        """Validate a batch ``x`` of shape ``(B, D)`` and return it unchanged."""
+        """Validate a batch ``x`` of shape ``(B, D)`` (finite with :attr:`finite_data`); return it as is."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"Expected x to be a torch.Tensor, but found {type(x).__name__}.")
         if x.dim() != 2 or x.shape[-1] != self.event_dim:
@@ -83,6 +85,8 @@ class Method(PyroModule):
                 f"Expected data of shape (B, {self.event_dim}) for {type(self).__name__}, "
                 f"but found {tuple(x.shape)}."
             )
+        if self.finite_data and not bool(torch.isfinite(x).all()):
+            raise ValueError("Expected finite data, but found NaN or infinite values.")
         return x
 
     def _batch_size(self, x: torch.Tensor | None, batch_size: int | None) -> int:

@@ -194,6 +194,7 @@ class Consistency(Method):
     """
 
     observed_site = "x"
+    finite_data = True
 
     def __init__(
         self,
@@ -338,13 +339,6 @@ class Consistency(Method):
             "a consistency model has no ELBO: its objective is a distance between two networks' outputs; "
             "train it with probgen.inference.consistency.fit_consistency"
         )
-
-    def check_data(self, x: Tensor) -> Tensor:
-        """Validate a batch ``x`` of shape ``(B, D)`` of finite values."""
-        super().check_data(x)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("Expected finite data, but found NaN or infinite values.")
-        return x
 
     # ------------------------------------------------------------------ the consistency function
 

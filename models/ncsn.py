@@ -172,6 +172,8 @@ class NCSN(Method):
         >>> s = ncsn.score(x, ncsn.sigmas[-1].expand(len(x)))                  # (B, 2)
     """
 
+    finite_data = True
+
     def __init__(
         self,
         data_dim: int,
@@ -294,13 +296,6 @@ class NCSN(Method):
 
     def elbo(self) -> ELBO:
         return AnalyticKL_ELBO()
-
-    def check_data(self, x: Tensor) -> Tensor:
-        """Validate a batch ``x`` of shape ``(B, D)`` of finite values."""
-        super().check_data(x)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("Expected finite data, but found NaN or infinite values.")
-        return x
 
     # ------------------------------------------------------------------ the score
 

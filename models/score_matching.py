@@ -236,6 +236,8 @@ class ScoreMatching(Method):
         >>> s = sm.score(x)                                              # (B, 2)
     """
 
+    finite_data = True
+
     def __init__(
         self,
         data_dim: int,
@@ -309,13 +311,6 @@ class ScoreMatching(Method):
 
     def elbo(self) -> ELBO:
         return AnalyticKL_ELBO()
-
-    def check_data(self, x: Tensor) -> Tensor:
-        """Validate a batch ``x`` of shape ``(B, D)`` of finite values."""
-        super().check_data(x)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("Expected finite data, but found NaN or infinite values.")
-        return x
 
     def score(self, x: Tensor, sigma: Tensor | None = None) -> Tensor:
         r"""The learned score :math:`s_\theta(x)`, ``(B, D)`` for ``x`` ``(B, D)``; ``sigma`` is ignored."""

@@ -297,6 +297,8 @@ class ScoreSDE(Method):
         >>> s = m.score(x, torch.full((len(x),), 0.5))                # (B, 2)
     """
 
+    finite_data = True
+
     def __init__(
         self,
         data_dim: int,
@@ -413,13 +415,6 @@ class ScoreSDE(Method):
 
     def elbo(self) -> ELBO:
         return AnalyticKL_ELBO()
-
-    def check_data(self, x: Tensor) -> Tensor:
-        """Validate a batch ``x`` of shape ``(B, D)`` of finite values."""
-        super().check_data(x)
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("Expected finite data, but found NaN or infinite values.")
-        return x
 
     # ------------------------------------------------------------------ the score
 
