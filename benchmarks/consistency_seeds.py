@@ -24,15 +24,10 @@ from probgen.checkpoint import write_json_atomic
 from probgen.data import load_dataset, mixture_modes
 from probgen.inference.consistency import sample_consistency
 from probgen.inference.score_sde_sampling import sample_score_sde
-from probgen.metrics import mode_coverage, sliced_wasserstein
+from probgen.metrics import mean_and_stderr, mode_coverage, sliced_wasserstein
 from probgen.models import load_method
 
 STEP_COUNTS = (1, 2, 4)
-
-
-def _stats(values: list[float]) -> tuple[float, float]:
-    v = torch.tensor(values, dtype=torch.float64)
-    return float(v.mean()), float(v.std() / len(values) ** 0.5) if len(values) > 1 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -78,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         per_seed = [measure(draw(torch.Generator().manual_seed(s))) for s in range(args.seeds)]
         sw = [r["sliced_wasserstein"] for r in per_seed]
-        mean, se = _stats(sw)
+        mean, se = mean_and_stderr(sw)
         rows[name] = {"per_seed": sw, "mean": mean, "stderr": se, "seconds": time.perf_counter() - start}
         if modes is not None:
             rows[name]["modes_min"] = min(r["modes_captured"] for r in per_seed)
@@ -94,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in rows.items():
         ratios = [a / b for a, b in zip(r["per_seed"], ref["per_seed"])]
         r["ratio_of_means"] = r["mean"] / ref["mean"]
-        r["per_seed_ratio"], r["per_seed_ratio_stderr"] = _stats(ratios)
+        r["per_seed_ratio"], r["per_seed_ratio_stderr"] = mean_and_stderr(ratios)
         lines.append(
             f"| {name} | {r['mean']:.4f} ± {r['stderr']:.4f} | {r['ratio_of_means']:.2f} | "
             f"{r['per_seed_ratio']:.2f} ± {r['per_seed_ratio_stderr']:.2f} | {r.get('modes_min', '-')} |"

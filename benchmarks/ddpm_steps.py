@@ -33,7 +33,7 @@ import torch
 from probgen.checkpoint import write_json_atomic
 from probgen.data import TOYS, load_dataset
 from probgen.inference import ancestral_sample, ddim_sample, fit
-from probgen.metrics import digits_frechet_distance, sliced_wasserstein
+from probgen.metrics import digits_frechet_distance, mean_and_stderr, sliced_wasserstein
 from probgen.models import DDPM, load_method
 from probgen.plotting import save_line_plot
 
@@ -55,8 +55,9 @@ def sweep(method: DDPM, num: int, distance, ddim_steps, variants, seed: int, see
         out = dict(sampler=sampler, steps=steps, seconds=time.perf_counter() - start)
         out["distance"] = distance(torch.cat(chunks))
         if seeds > 1:
-            per_seed = torch.tensor([distance(x) for x in chunks], dtype=torch.float64)
-            out.update(per_seed=per_seed.tolist(), stderr=float(per_seed.std() / seeds**0.5))
+            per_seed = [distance(x) for x in chunks]
+            mean, stderr = mean_and_stderr(per_seed)
+            out.update(per_seed=per_seed, per_seed_mean=mean, stderr=stderr)
         return out
 
     rows = [row("ancestral", method.T, lambda g: ancestral_sample(method, num, generator=g))]
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for r in rows:
-            spread = f"{sum(r['per_seed']) / seeds:.3f} ± {r['stderr']:.3f}" if "per_seed" in r else ""
+            spread = f"{r['per_seed_mean']:.3f} ± {r['stderr']:.3f}" if "per_seed" in r else ""
             lines.append(
                 f"| {r['sampler']} | {r['steps']} | {r['distance']:.4f} | {spread} | "
                 f"{r['distance'] / anc:.2f} | {r['seconds']:.1f} |"
@@ -226,9 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
                 res["ddim50_over_ancestral"][label] = ratio
                 paired = ""
                 if "per_seed" in row50:  # the ratio under each seed, as a check on the pooled one
-                    per = torch.tensor(row50["per_seed"]) / torch.tensor(rows[0]["per_seed"])
-                    res.setdefault("ddim50_over_ancestral_per_seed", {})[label] = per.tolist()
-                    paired = f"; per seed {per.mean():.2f} ± {per.std() / seeds**0.5:.2f} (s.e.)"
+                    per = [a / b for a, b in zip(row50["per_seed"], rows[0]["per_seed"])]
+                    res.setdefault("ddim50_over_ancestral_per_seed", {})[label] = per
+                    paired = "; per seed {:.2f} ± {:.2f} (s.e.)".format(*mean_and_stderr(per))
                 lines.append(
                     f"{label}, 50 steps / ancestral-{rows[0]['steps']}: "
                     f"**{ratio:.2f}x** (target <= 1.2x){paired}  "

@@ -22,13 +22,8 @@ import torch
 from probgen.checkpoint import read_json, write_json_atomic
 from probgen.data import load_dataset
 from probgen.inference.distill import grid_ddim_sample
-from probgen.metrics import digits_frechet_distance, sliced_wasserstein
+from probgen.metrics import digits_frechet_distance, mean_and_stderr, sliced_wasserstein
 from probgen.models import load_method
-
-
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    v = torch.tensor(values, dtype=torch.float64)
-    return float(v.mean()), float(v.std() / len(v) ** 0.5) if len(v) > 1 else float("nan")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -60,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows["teacher"].append(distance(grid_ddim_sample(teacher, args.samples, steps=start_steps, x_T=x_T)))
         rows["student"].append(distance(grid_ddim_sample(student, args.samples, x_T=x_T)))
         print(f"seed {seed}: teacher {rows['teacher'][-1]:.4f}, {args.steps} steps {rows['student'][-1]:.4f}")
-    (t, t_se), (s, s_se) = _mean_se(rows["teacher"]), _mean_se(rows["student"])
-    ratio, ratio_se = _mean_se([b / a for a, b in zip(rows["teacher"], rows["student"])])
+    (t, t_se), (s, s_se) = mean_and_stderr(rows["teacher"]), mean_and_stderr(rows["student"])
+    ratio, ratio_se = mean_and_stderr([b / a for a, b in zip(rows["teacher"], rows["student"])])
     report = {
         "data": data, "metric": metric, "samples": args.samples, "seeds": args.seeds,
         "teacher_steps": start_steps, "student_steps": args.steps, "per_seed": rows,

@@ -67,6 +67,24 @@ def _check_same_dim(x: Tensor, y: Tensor, names: str = "x and y") -> None:
 # --- likelihoods --------------------------------------------------------------
 
 
+def mean_and_stderr(values: Sequence[float] | Tensor) -> tuple[float, float]:
+    r"""The mean of ``values`` and its standard error :math:`s / \sqrt n` (``s`` the sample std).
+
+    For repeated Monte Carlo measurements, e.g. a distance under several seeds.
+
+    Args:
+        values: ``n >= 1`` numbers (a sequence or a 1-D tensor).
+
+    Returns:
+        ``(mean, stderr)``; the standard error is NaN when ``n = 1``.
+    """
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() < 1:
+        raise ValueError("Expected at least one value, but found none.")
+    n = v.numel()
+    return float(v.mean()), float(v.std() / math.sqrt(n)) if n > 1 else math.nan
+
+
 def bits_per_dim(nll_nats: Tensor | float, num_dims: int) -> Tensor:
     r"""Converts a negative log-likelihood in nats per example to bits per dimension.
 

@@ -68,6 +68,10 @@ def test_ddpm_overhead_times_training_and_sampling(tmp_path, threads):  # noqa: 
     argv = ["--rounds", "1", "--steps", "1", "--sample-rounds", "1", "--sample-T", "3", "--sample-batch", "4"]
     report = _load("ddpm_overhead").main([*argv, "--threads", "1", "--json", str(tmp_path / "o.json")])
     assert json.loads((tmp_path / "o.json").read_text()).keys() == report.keys()
+    assert len(report) == 3  # two training weightings and ancestral sampling
+    for case in report.values():
+        assert set(case["ms_median"]) == {"hand", "pyro"} and case["ratio_median"]["hand"] == 1.0
+        assert all(v > 0 for v in case["ms_median"].values())
 
 
 def test_ddpm_steps_repeats_the_toy_over_seeds(tmp_path, threads):  # noqa: F811

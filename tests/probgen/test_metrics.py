@@ -332,3 +332,13 @@ def test_digits_classifier_does_not_depend_on_the_thread_count():
         torch.set_num_threads(saved)
     for name, p in weights[1].items():
         assert torch.equal(p, weights[2][name]), name
+
+
+def test_mean_and_stderr():
+    from probgen.metrics import mean_and_stderr
+
+    mean, se = mean_and_stderr([1.0, 2.0, 3.0, 6.0])
+    assert mean == 3.0 and se == pytest.approx(math.sqrt(14 / 3) / 2)  # sample variance 14/3, n = 4
+    assert mean_and_stderr(torch.tensor([2.5]))[0] == 2.5 and math.isnan(mean_and_stderr([2.5])[1])
+    with pytest.raises(ValueError, match="Expected at least one value"):
+        mean_and_stderr([])
