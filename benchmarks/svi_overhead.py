@@ -37,7 +37,6 @@ from timing import measure  # benchmarks/timing.py (scripts run with benchmarks/
 from torch.distributions import Normal, kl_divergence
 
 from probgen.data import load_dataset
-from probgen.inference import ELBOLoss
 from probgen.models import VAE
 
 
@@ -54,7 +53,11 @@ def make_steps(vae: VAE, x: torch.Tensor, lr: float) -> dict:
     """One closure per variant, each with its own copy of the same initial parameters."""
     steps = {}
     m_pyro = copy.deepcopy(vae)
-    objective = ELBOLoss(m_pyro, m_pyro.elbo())
+    elbo_objective = m_pyro.objective()  # what fit drives: the negative ELBO per example
+
+    def objective(batch: torch.Tensor) -> torch.Tensor:
+        return next(elbo_objective.losses(lambda k: batch, 0, 1))[1]
+
     opt_pyro = torch.optim.Adam(m_pyro.parameters(), lr=lr)
 
     def pyro_step():

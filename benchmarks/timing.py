@@ -9,8 +9,6 @@ from collections.abc import Callable
 
 import torch
 
-from probgen.inference import ELBOLoss
-
 __all__ = ["measure", "run_cases", "train_steps"]
 
 
@@ -67,7 +65,11 @@ def train_steps(method, hand_loss, x: torch.Tensor, lr: float = 1e-3) -> dict:
     """One Adam step of the method's Pyro objective (``"pyro"``) and of ``hand_loss(method, x)``
     (``"hand"``) on two copies of the same method."""
     m_pyro, m_hand = copy.deepcopy(method), copy.deepcopy(method)
-    objective = ELBOLoss(m_pyro, m_pyro.elbo())
+    elbo_objective = m_pyro.objective()  # what fit drives: the negative ELBO per example
+
+    def objective(batch: torch.Tensor) -> torch.Tensor:
+        return next(elbo_objective.losses(lambda k: batch, 0, 1))[1]
+
     opt_pyro = torch.optim.Adam(m_pyro.parameters(), lr=lr)
     opt_hand = torch.optim.Adam(m_hand.parameters(), lr=lr)
 

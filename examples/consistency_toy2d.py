@@ -32,7 +32,7 @@ import torch
 from probgen.checkpoint import write_json_atomic
 from probgen.data import TOYS, load_dataset, mixture_modes
 from probgen.inference import fit
-from probgen.inference.consistency import fit_consistency, sample_consistency
+from probgen.inference.consistency import sample_consistency
 from probgen.inference.score_sde_sampling import sample_score_sde
 from probgen.metrics import mode_coverage, sliced_wasserstein
 from probgen.models import load_method
@@ -79,11 +79,10 @@ def _consistency(args, train, val, teacher: ScoreSDE, teacher_dir: str, kind: st
         opts = {k: teacher.config[k] for k in keys} | {"eps": teacher.sde_object.eps, "s1": args.ct_s1}
         cm = Consistency.from_data(train, **opts)
     start = time.perf_counter()
-    result = fit_consistency(
+    result = fit(
         cm, train.x, val_data=val.x[:2000], steps=steps, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, val_every=max(1, steps // 10), progress=not args.no_progress, run_dir=args.out / kind,
-        metadata={"method": "consistency", "config": cm.config, "data": args.data, "form": "int",
-                  "event_shape": [2], "num_levels": None},
+        metadata={"data": args.data, "form": "int", "event_shape": [2], "num_levels": None},
     )  # fmt: skip
     return cm, result, time.perf_counter() - start
 

@@ -2,7 +2,7 @@
 
 The GAN (Goodfellow et al. 2014, arXiv:1406.2661) is a pair of Pyro programs: the generator
 program z ~ N(0, I), x = G(z) (a deterministic site) and a discriminator likelihood over a
-Bernoulli "real" label. ``fit_adversarial`` alternates the two players, each maximizing the
+Bernoulli "real" label. ``fit`` over ``GAN.objective()`` alternates the two players, each maximizing the
 log-probability of the label site in traces of those programs (the non-saturating generator
 objective), with the R1 penalty of Mescheder et al. 2018 (arXiv:1801.04406) as a
 ``pyro.factor`` and an exponential moving average of the weights. Because the mixtures' centres
@@ -32,7 +32,7 @@ from matplotlib.patches import Circle
 
 from probgen.checkpoint import list_checkpoints, write_json_atomic
 from probgen.data import load_dataset, mixture_modes
-from probgen.inference.adversarial import fit_adversarial
+from probgen.inference import fit
 from probgen.metrics import mode_coverage, sliced_wasserstein
 from probgen.models.gan import GAN
 
@@ -44,22 +44,21 @@ def train_one(name: str, args: argparse.Namespace) -> tuple[dict, dict, torch.Te
     """Train a GAN on one toy; return its report, its history and ``num_samples`` samples."""
     train, val, test = (load_dataset(name, s) for s in ("train", "val", "test"))
     torch.manual_seed(args.seed)
-    gan = GAN.from_data(train)
+    gan = GAN.from_data(train, r1_gamma=args.r1_gamma)
     steps = args.steps or DEFAULT_STEPS[name]
     start = time.perf_counter()
-    result = fit_adversarial(
+    result = fit(
         gan,
         train.x,
         val_data=val.x,
         steps=steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        r1_gamma=args.r1_gamma,
         ema_decay=args.ema_decay,
         val_every=max(steps // 20, 50),
         seed=args.seed,
         run_dir=args.out / name,
-        metadata={"method": "gan", "config": gan.config, "data": name, "form": "int", "event_shape": [2]},
+        metadata={"data": name, "form": "int", "event_shape": [2]},
         progress=not args.no_progress,
     )
     seconds = time.perf_counter() - start

@@ -1,21 +1,10 @@
 """Algorithms that take probabilistic programs, score functions and SDEs."""
 
-from probgen.inference.adversarial import (
-    AdversarialResult,
-    discriminator_loss,
-    fit_adversarial,
-    generated_batch,
-    generator_loss,
-    register_trainer,
-    trainer_for,
-)
 from probgen.inference.ancestral import ancestral_sample, ddim_sample, ddim_timesteps
 from probgen.inference.conditioning import ScoreSDEDistribution, inpaint
 from probgen.inference.consistency import (
-    ConsistencyResult,
     consistency_distillation_loss,
     consistency_training_loss,
-    fit_consistency,
     pf_ode_step,
     sample_consistency,
 )
@@ -46,7 +35,9 @@ from probgen.inference.sde import (
     reverse_sde_sample,
     tweedie_denoise,
 )
-from probgen.inference.svi import ELBOLoss, FitResult, TrainingError, elbo_per_example, fit
+from probgen.inference.train import FitResult, TrainingError, fit, run_record
+from probgen.models.gan import discriminator_loss, generated_batch, generator_loss
+from probgen.objectives import ELBOObjective, Objective, Player, elbo_per_example
 
 __all__ = [
     "DistillResult",
@@ -54,10 +45,8 @@ __all__ = [
     "halving_schedule",
     "load_teacher",
     "progressive_distill",
-    "ConsistencyResult",
     "consistency_distillation_loss",
     "consistency_training_loss",
-    "fit_consistency",
     "pf_ode_step",
     "sample_consistency",
     "LogDensityODE",
@@ -74,13 +63,9 @@ __all__ = [
     "reverse_sde_sample",
     "sample_score_sde",
     "tweedie_denoise",
-    "AdversarialResult",
     "discriminator_loss",
-    "fit_adversarial",
     "generated_batch",
     "generator_loss",
-    "register_trainer",
-    "trainer_for",
     "annealed_langevin",
     "check_sigmas",
     "langevin_corrector",
@@ -94,8 +79,11 @@ __all__ = [
     "SGLD",
     "ULA",
     "dlp_proposal",
-    "ELBOLoss",
+    "ELBOObjective",
     "FitResult",
+    "Objective",
+    "Player",
+    "run_record",
     "TraceReport",
     "TrainingError",
     "ancestral_sample",

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probgen.distributions import q_marginal
-from probgen.inference._util import seeded
+from probgen.objectives import seeded
 
 __all__ = ["ancestral_sample", "ddim_sample", "ddim_timesteps"]
 

@@ -3,7 +3,7 @@ r"""``compare``: fit every registered method on one data set with a stated budge
 Each method is taken from the registry (:func:`probgen.models.available`), so a new one is
 compared without edits here. Per method :func:`compare` builds it with
 ``method_class(name).from_data(train)`` (initialization seeded), trains it with
-``trainer_for(name, default=fit)`` on the train split (model selection on the val split),
+``fit`` (over the method's own objective) on the train split (model selection on the val split),
 draws samples with :func:`~probgen.inference.sampling.draw_samples` and reports on the test
 split, on the footing of ``DESIGN.md``'s evaluation protocol:
 
@@ -46,13 +46,11 @@ import torch
 from torch import Tensor, nn
 
 from probgen.data import TOYS, load_dataset, mixture_modes, toy_entropy
-from probgen.inference._util import seeded
-from probgen.inference.adversarial import trainer_for
 from probgen.inference.compare_budgets import BUDGETS, Budget, MethodSettings, settings_for
 from probgen.inference.evaluate import log_likelihood, to_levels
 from probgen.inference.network_calls import NetworkCalls
 from probgen.inference.sampling import draw_samples, samplers_for
-from probgen.inference.svi import fit
+from probgen.inference.train import fit
 from probgen.metrics import (
     bits_per_dim,
     digits_frechet_distance,
@@ -63,6 +61,7 @@ from probgen.metrics import (
     sliced_wasserstein,
 )
 from probgen.models import Method, available, method_class
+from probgen.objectives import seeded
 
 __all__ = [
     "BUDGETS",
@@ -272,11 +271,10 @@ def _run_method(
             raise _Stage("build", exc) from exc
     if hasattr(method, "check_data"):
         _run_stage("data", method.check_data, train.x)
-    trainer = trainer_for(name, default=fit)
     start = time.perf_counter()
     fitted = _run_stage(
         "train",
-        trainer,
+        fit,
         method,
         train.x,
         val_data=val.x[: budget.num_val],
@@ -288,7 +286,6 @@ def _run_method(
         device=device,
         progress=progress,
         ema_decay=settings.ema_decay,
-        **dict(settings.trainer_options),
     )
     row["seconds"] = {"train": time.perf_counter() - start}
     row["trained_steps"], row["best_step"] = int(fitted.step), fitted.best_step

@@ -28,8 +28,8 @@ class MethodSettings:
         sampler: a name from :func:`~probgen.inference.sampling.samplers_for` (``"ancestral"``:
             the method's own generative program).
         sampler_steps: the sampler's number of steps (None: its default).
-        config: constructor overrides passed to ``from_data``.
-        trainer_options: further keyword arguments of the trainer (e.g. GAN's ``r1_gamma``).
+        config: constructor overrides passed to ``from_data`` (training options of an objective
+            live there too, e.g. GAN's ``r1_gamma``).
     """
 
     steps: int
@@ -39,7 +39,6 @@ class MethodSettings:
     sampler: str = "ancestral"
     sampler_steps: int | None = None
     config: Mapping[str, Any] = field(default_factory=dict)
-    trainer_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ _DEFAULT = Budget(
     methods={
         "vector": {
             "vae": _s(2000),
-            "gan": _s(2000, batch_size=128, ema_decay=0.999, trainer_options={"r1_gamma": 0.1}),
+            "gan": _s(2000, batch_size=128, ema_decay=0.999, config={"r1_gamma": 0.1}),
             "flow": _s(800, batch_size=1024, lr=2e-3),
             "ddpm": _s(2000, config={"weighting": "simple"}),
             "ncsn": _s(2000, ema_decay=0.999),

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from probgen.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, write_json_atomic
 from probgen.inference.ancestral import _randomness
 from probgen.inference.sampling import register_sampler
-from probgen.inference.svi import fit
+from probgen.inference.train import fit
 from probgen.models.base import load_method
 from probgen.models.ddpm import DDPM
 from probgen.models.distilled import Distilled, ddim_on_grid, step_grid

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 
 from probgen.data import TOYS, Dataset, load_dataset, mixture_modes, toy_entropy
-from probgen.inference._util import seeded
 from probgen.inference.likelihood import ddpm_nll, iwae_log_likelihood
 from probgen.inference.sampling import draw_samples
 from probgen.metrics import (
@@ -36,6 +35,7 @@ from probgen.metrics import (
     mode_coverage,
     sliced_wasserstein,
 )
+from probgen.objectives import seeded
 
 __all__ = ["evaluate", "log_likelihood", "register_likelihood", "to_levels"]
 

@@ -22,7 +22,8 @@ from pyro.distributions.kl import kl_divergence
 from pyro.distributions.util import scale_and_mask
 from torch import nn
 
-from probgen.inference._util import sample_sites, seeded
+from probgen.elbo import sample_sites
+from probgen.objectives import seeded
 
 __all__ = ["SiteRow", "TraceReport", "inspect_trace"]
 

@@ -27,8 +27,9 @@ from pyro import poutine
 from pyro.distributions.kl import kl_divergence
 from torch import nn
 
-from probgen.inference._util import sample_sites, seeded
+from probgen.elbo import sample_sites
 from probgen.metrics import bits_per_dim
+from probgen.objectives import seeded
 
 __all__ = ["ddpm_bits_per_dim", "ddpm_nll", "iwae_log_likelihood", "iwae_bits_per_dim", "max_plate_nesting"]
 

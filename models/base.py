@@ -21,6 +21,7 @@ from pyro.infer import ELBO, Trace_ELBO
 from pyro.nn import PyroModule
 
 from probgen.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
+from probgen.objectives import ELBOObjective, Objective
 
 __all__ = ["Method", "register", "build", "available", "method_class", "load_method"]
 
@@ -55,6 +56,11 @@ class Method(PyroModule):
     def elbo(self) -> ELBO:
         """The Pyro ELBO this method is trained with (default ``Trace_ELBO``)."""
         return Trace_ELBO()
+
+    def objective(self) -> Objective:
+        """What :func:`probgen.inference.fit` drives: by default the negative ELBO of model/guide
+        (:class:`~probgen.objectives.ELBOObjective` over :meth:`elbo`)."""
+        return ELBOObjective(self)
 
     @classmethod
     def data_form(cls, dataset_name: str) -> str:

@@ -22,11 +22,12 @@ so :math:`c_{\text{skip}}(\epsilon) = 1`, :math:`c_{\text{out}}(\epsilon) = 0` a
 **Training** is not variational: the consistency objective
 :math:`\mathbb E\, \lambda(t_n)\, d\big(f_\theta(x_{t_{n+1}}, t_{n+1}), f_{\theta^-}(\hat x_{t_n}, t_n)\big)`
 is a *distance between the outputs of two networks* (the online one and its EMA target), not a
-log-density, so it has no ELBO and no Pyro site: :meth:`Consistency.model` with data and
-:meth:`Consistency.elbo` raise, and ``probgen.inference.consistency.fit_consistency`` (registered as
-the trainer of ``"consistency"``) trains it by distillation from a ``score-sde`` teacher (CD,
-Algorithm 2) or from data alone (CT, Algorithm 3). Its hyperparameters live in :attr:`config` so
-``probgen train consistency --set teacher=RUN_DIR`` sets them.
+log-density, so it has no ELBO: :meth:`Consistency.model` with data and :meth:`Consistency.elbo`
+raise. :class:`ConsistencyObjective` (:meth:`Consistency.objective`) enters the distances into a
+Pyro program as ``pyro.factor("consistency", -d)`` and :func:`probgen.inference.fit` drives it, by
+distillation from a ``score-sde`` teacher (CD, Algorithm 2) or from data alone (CT, Algorithm 3).
+Its hyperparameters live in :attr:`config` so ``probgen train consistency --set teacher=RUN_DIR``
+sets them.
 
 **Sampling** is a Pyro program (Algorithm 1): ``"x_T"`` from the SDE's prior, the deterministic
 ``"x_hat_0"`` :math:`= f_\theta(x_T, T)`, then for each further step a re-noising site ``"x_k"``
@@ -37,8 +38,10 @@ denoising :math:`\hat x_k = f_\theta(x_k, \tau_k)`; the last denoised value is t
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pyro
@@ -48,17 +51,23 @@ from pyro.infer import ELBO
 from torch import Tensor, nn
 
 from probgen.checkpoint import CheckpointError
+from probgen.metrics import sliced_wasserstein
 from probgen.models.base import Method, load_method, register
 from probgen.models.ncsn import max_pairwise_distance
 from probgen.models.score_sde import SDES, build_sde
 from probgen.nets import denoiser_net
+from probgen.objectives import Objective, seeded, trace_log_prob
 from probgen.schedules import append_dims
-from probgen.sdes import DiffusionSDE
+from probgen.sdes import DiffusionSDE, ScoreFn, pf_ode_step
 
 __all__ = [
     "DISTANCES",
     "Consistency",
+    "ConsistencyObjective",
     "check_teacher",
+    "consistency_distillation_loss",
+    "consistency_training_loss",
+    "discretization_times",
     "ct_schedule",
     "karras_sigmas",
     "load_teacher",
@@ -333,11 +342,15 @@ class Consistency(Method):
             opts.setdefault("sigma_max", max_pairwise_distance(x))
         return cls(**opts)
 
+    def objective(self, teacher: nn.Module | str | os.PathLike | None = None) -> ConsistencyObjective:
+        """Distillation from ``teacher`` (default ``config["teacher"]``), else consistency training."""
+        return ConsistencyObjective(self, teacher)
+
     def elbo(self) -> ELBO:
         """Consistency models have no ELBO (their objective is a distance): always raises."""
         raise NotImplementedError(
             "a consistency model has no ELBO: its objective is a distance between two networks' outputs; "
-            "train it with probgen.inference.consistency.fit_consistency"
+            "train it with probgen.inference.fit over Consistency.objective()"
         )
 
     # ------------------------------------------------------------------ the consistency function
@@ -470,7 +483,7 @@ class Consistency(Method):
         if x is not None:
             raise NotImplementedError(
                 "a consistency model scores no data: its objective is a distance between two networks' "
-                "outputs, not a log-density; train it with probgen.inference.consistency.fit_consistency"
+                "outputs, not a log-density; train it with probgen.inference.fit (Consistency.objective())"
             )
         steps = self.sample_steps if steps is None and sigmas is None else steps
         sigmas = self._check_sigmas(steps, sigmas)
@@ -513,7 +526,7 @@ class Consistency(Method):
     def guide(self, x: Tensor | None = None, batch_size: int | None = None) -> None:
         """No guide: a consistency model is not trained variationally (always raises)."""
         raise NotImplementedError(
-            "a consistency model has no guide: it is trained by fit_consistency, not SVI"
+            "a consistency model has no guide: it is trained by fit over Consistency.objective(), not SVI"
         )
 
     @torch.no_grad()
@@ -525,6 +538,238 @@ class Consistency(Method):
             _check_int("steps", steps, 1)
         with pyro.validation_enabled(False):
             return self.model(None, batch_size=num, steps=steps, sigmas=sigmas)
+
+
+def discretization_times(sde: DiffusionSDE, n: int, eps: float, rho: float = 7.0) -> Tensor:
+    r"""Times :math:`t_1 = \epsilon < \dots < t_N = T` whose :math:`\sigma(t) = s_t / m_t` are Karras' grid.
+
+    Returns:
+        ``(N,)`` float64.
+    """
+    ends = torch.tensor([eps, sde.T], dtype=torch.float64)
+    mean, std = sde.marginal_params(ends)
+    lo, hi = (std / mean).tolist()
+    sigmas = karras_sigmas(n, lo, hi, rho)
+    times = time_of_sigma(sde, sigmas)
+    times[0], times[-1] = eps, sde.T
+    return times
+
+
+def _distance(a: Tensor, b: Tensor, kind: str, huber_c: float | None) -> Tensor:
+    """Per-example :math:`d(a, b)`, ``(B,)``: squared L2, or pseudo-Huber with constant c."""
+    sq = (a - b).pow(2).flatten(1).sum(1)
+    if kind == "l2":
+        return sq
+    c = 0.00054 * math.sqrt(a[0].numel()) if huber_c is None else huber_c
+    return (sq + c**2).sqrt() - c
+
+
+def _pairs(x0: Tensor, times: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Uniform n in {1..N-1} per example: ``(t_n, t_{n+1})``, each ``(B,)``."""
+    idx = torch.randint(0, len(times) - 1, (x0.shape[0],), generator=generator, device=times.device)
+    return times[idx].to(x0.dtype), times[idx + 1].to(x0.dtype)
+
+
+def _check_loss_inputs(sde: object, x0: object, times: object) -> tuple[Tensor, Tensor]:
+    if not isinstance(sde, DiffusionSDE):
+        raise ValueError(f"Expected a DiffusionSDE, but found {type(sde).__name__}.")
+    if not isinstance(x0, Tensor) or x0.ndim != 2:
+        raise ValueError(f"Expected x0 of shape (B, D), but found {getattr(x0, 'shape', type(x0).__name__)}.")
+    times = torch.as_tensor(times)
+    if times.ndim != 1 or len(times) < 2 or not bool((times[1:] > times[:-1]).all()):
+        raise ValueError(f"Expected at least two increasing times (N,), but found {times.tolist()}.")
+    return x0, times.to(x0.device)
+
+
+def consistency_distillation_loss(
+    f: ConsistencyFn,
+    f_target: ConsistencyFn,
+    sde: DiffusionSDE,
+    score_fn: ScoreFn,
+    x0: Tensor,
+    times: Tensor,
+    *,
+    distance: str = "l2",
+    huber_c: float | None = None,
+    solver: str = "heun2",
+    generator: torch.Generator | None = None,
+    per_example: bool = False,
+) -> Tensor:
+    r"""The CD objective (Song et al. 2023, eq. 7 / Algorithm 2), a mean distance, **not** a log-density.
+
+    Per example: :math:`n` uniform, :math:`x_{t_{n+1}} \sim q(\cdot \mid x_0)`, :math:`\hat x_{t_n}` one
+    :func:`pf_ode_step` of the teacher, :math:`d(f(x_{t_{n+1}}, t_{n+1}), f^-(\hat x_{t_n}, t_n))`.
+
+    Args:
+        f: the online consistency function ``f(x, t) -> (B, D)``.
+        f_target: the target one (evaluated without gradient).
+        sde: the forward SDE (the teacher's).
+        score_fn: the teacher's score ``(x, t) -> (B, D)``.
+        x0: data ``(B, D)``.
+        times: the increasing discretization ``(N,)`` (:func:`discretization_times`).
+        distance: ``"l2"`` or ``"pseudo_huber"``.
+        huber_c: the pseudo-Huber constant (None: :math:`0.00054 \sqrt D`).
+        solver: the fixed-step torchdiffeq method of the teacher's step.
+        generator: source of n and of the noise (default the global RNG).
+        per_example: return the distances ``(B,)`` instead of their mean.
+
+    Returns:
+        A scalar: the batch mean of the distances (``(B,)`` with ``per_example``).
+    """
+    x0, times = _check_loss_inputs(sde, x0, times)
+    t_n, t_next = _pairs(x0, times, generator)
+    mean, std = (append_dims(v, 2) for v in sde.marginal_params(t_next))
+    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_next = mean * x0 + std * z
+    with torch.no_grad():
+        x_hat = pf_ode_step(sde, score_fn, x_next, t_next, t_n, method=solver)
+        target = f_target(x_hat, t_n)
+    distances = _distance(f(x_next, t_next), target, distance, huber_c)
+    return distances if per_example else distances.mean()
+
+
+def consistency_training_loss(
+    f: ConsistencyFn,
+    f_target: ConsistencyFn,
+    sde: DiffusionSDE,
+    x0: Tensor,
+    times: Tensor,
+    *,
+    distance: str = "l2",
+    huber_c: float | None = None,
+    generator: torch.Generator | None = None,
+    per_example: bool = False,
+) -> Tensor:
+    r"""The CT objective (Song et al. 2023, eq. 10 / Algorithm 3), a mean distance, **not** a log-density.
+
+    Per example: :math:`n` uniform, one :math:`z \sim \mathcal N(0, I)`,
+    :math:`d(f(m_{t_{n+1}} x_0 + s_{t_{n+1}} z, t_{n+1}), f^-(m_{t_n} x_0 + s_{t_n} z, t_n))`. Arguments as
+    :func:`consistency_distillation_loss` without a teacher.
+    """
+    x0, times = _check_loss_inputs(sde, x0, times)
+    t_n, t_next = _pairs(x0, times, generator)
+    z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    m_next, s_next = (append_dims(v, 2) for v in sde.marginal_params(t_next))
+    m_n, s_n = (append_dims(v, 2) for v in sde.marginal_params(t_n))
+    with torch.no_grad():
+        target = f_target(m_n * x0 + s_n * z, t_n)
+    distances = _distance(f(m_next * x0 + s_next * z, t_next), target, distance, huber_c)
+    return distances if per_example else distances.mean()
+
+
+ConsistencyFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _resolve_teacher(cm: Consistency, teacher: nn.Module | str | os.PathLike | None) -> nn.Module | None:
+    if teacher is None:
+        teacher = cm.config.get("teacher")
+    if teacher is None:
+        return None
+    if isinstance(teacher, (str, os.PathLike)):
+        teacher = load_teacher(os.fspath(teacher), device=cm._anchor.device)
+    check_teacher(teacher, cm.config)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+class ConsistencyObjective(Objective):
+    r"""Consistency distillation (with a teacher) or consistency training (without), for ``fit``.
+
+    Each step draws a minibatch and scores it with the per-example distances of
+    :func:`consistency_distillation_loss` (N = ``num_scales``, :math:`\mu` = ``target_decay``) or
+    :func:`consistency_training_loss` (N(k), :math:`\mu(k)` by :func:`ct_schedule` over the run's
+    steps). The distances enter a Pyro program as ``pyro.factor("consistency", -d)`` in the data plate,
+    and the loss is minus that trace's log-probability per example
+    (:func:`~probgen.objectives.trace_log_prob`),
+    i.e. the batch mean of the distances: a distance between two networks' outputs, not nats. After
+    each step the target network (no gradient; checkpointed as the objective's state) moves
+    :math:`\theta^- \leftarrow \mu \theta^- + (1 - \mu) \theta`. A separate sampling EMA is
+    ``fit``'s ``ema_decay``. The default validation score is the sliced Wasserstein-2 distance of up
+    to 2,000 one-step samples (common random numbers) to the validation data.
+
+    Args:
+        cm: the consistency model.
+        teacher: a ``score-sde`` method or run directory (None: ``cm.config["teacher"]``; None there
+            too: consistency training). It must have the model's SDE and data shape.
+
+    Raises:
+        ValueError: a teacher of another method, SDE or data shape.
+    """
+
+    val_metric = "sliced Wasserstein-2 of 1-step samples to the validation data"
+
+    def __init__(self, cm: Consistency, teacher: nn.Module | str | os.PathLike | None = None) -> None:
+        if not isinstance(cm, Consistency):
+            raise ValueError(f"Expected a Consistency model, but found {type(cm).__name__}.")
+        super().__init__(cm)
+        self.teacher = _resolve_teacher(cm, teacher)
+        self.mode = "training" if self.teacher is None else "distillation"
+        self._target: Consistency | None = None
+        self._grids: dict[int, Tensor] = {}
+
+    @property
+    def target(self) -> Consistency:
+        """The target network :math:`\theta^-`, a frozen copy of the model made at the first step."""
+        if self._target is None:
+            self._target = copy.deepcopy(self.method).requires_grad_(False).eval()
+        return self._target
+
+    def _schedule(self, step: int, steps: int) -> tuple[int, float]:
+        cfg = self.method.config
+        if self.teacher is not None:
+            return cfg["num_scales"], cfg["target_decay"]
+        return ct_schedule(step, steps, cfg["s0"], cfg["s1"], cfg["mu0"])
+
+    def _grid(self, n: int, device: torch.device) -> Tensor:
+        if n not in self._grids:
+            cm = self.method
+            self._grids[n] = discretization_times(cm.sde_object, n, cm.eps, cm.config["rho"]).to(device)
+        return self._grids[n]
+
+    def losses(self, batch: Callable[[int], Tensor], step: int, steps: int) -> Iterator[tuple[str, Tensor]]:
+        cm, x = self.method, batch(0)
+        n, _ = self._schedule(step, steps)
+        opts = dict(distance=cm.config["distance"], huber_c=cm.config["huber_c"], per_example=True)
+        f, f_target = cm.consistency_function, self.target.consistency_function
+        if self.teacher is not None:
+            self.teacher.to(x.device)
+            d = consistency_distillation_loss(
+                f, f_target, cm.sde_object, self.teacher.score, x, self._grid(n, x.device), **opts
+            )
+        else:
+            d = consistency_training_loss(f, f_target, cm.sde_object, x, self._grid(n, x.device), **opts)
+
+        def program() -> None:
+            with pyro.plate("data", x.shape[0]):
+                pyro.factor("consistency", -d)
+
+        yield "model", -trace_log_prob(program, x.shape[0])
+
+    @torch.no_grad()
+    def after_step(self, step: int, steps: int) -> None:
+        _, mu = self._schedule(step - 1, steps)
+        torch._foreach_lerp_(
+            list(self.target.parameters()), [p.detach() for p in self.method.parameters()], 1 - mu
+        )
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"target.{k}": v.detach().clone() for k, v in self.target.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        saved = {k[len("target.") :]: v for k, v in state.items() if k.startswith("target.")}
+        self._target = None
+        self.target.load_state_dict(saved if saved else self.method.state_dict())
+
+    def validate(self, val: Tensor, seed: int) -> float:
+        num = min(val.shape[0], 2000)
+        with torch.no_grad(), seeded(seed, val):
+            x = self.method.sample(num, steps=1)
+        return sliced_wasserstein(x.flatten(1).cpu().double(), val[:num].flatten(1).cpu().double())
+
+    def settings(self) -> dict[str, Any]:
+        return {"objective": type(self).__name__, "mode": self.mode}
 
 
 def load_teacher(run_dir: str, *, device: str | torch.device = "cpu") -> Method:

@@ -280,7 +280,7 @@ class ScoreMatching(Method):
             step_size=float(step_size),
             num_steps=num_steps,
         )
-        self.data_dim, self.objective, self.projection = data_dim, objective, projection
+        self.data_dim, self.score_objective, self.projection = data_dim, objective, projection
         self.num_projections, self.num_steps = num_projections, num_steps
         self.net = net if net is not None else MLP(data_dim, data_dim, hidden, activation=activation)
         self.register_buffer("sigma", torch.tensor(float(sigma)), persistent=False)
@@ -331,15 +331,15 @@ class ScoreMatching(Method):
             return self.chain_model(batch_size)
         x = x.to(self.sigma.dtype)
         with pyro.plate("data", x.shape[0]):
-            if self.objective == "dsm":
+            if self.score_objective == "dsm":
                 denoising_sites(self.score, x, self.sigma.expand(x.shape[0]))
                 return None
-            if self.objective == "implicit":
+            if self.score_objective == "implicit":
                 term = hyvarinen_term(self.score, x)
             else:
                 v = self._projections(x.shape[0], x)
                 v = v.sign() if self.projection == "rademacher" else v
-                term = sliced_term(self.score, x, v, variance_reduced=self.objective == "sliced_vr")
+                term = sliced_term(self.score, x, v, variance_reduced=self.score_objective == "sliced_vr")
             pyro.factor("fisher", -term)
         return None
 
@@ -349,9 +349,9 @@ class ScoreMatching(Method):
             raise ValueError("Expected observations x for the guide, but found None.")
         x = x.to(self.sigma.dtype)
         with pyro.plate("data", x.shape[0]):
-            if self.objective == "dsm":
+            if self.score_objective == "dsm":
                 pyro.sample("x_tilde", perturbation(x, self.sigma))
-            elif self.objective != "implicit":
+            elif self.score_objective != "implicit":
                 self._projections(x.shape[0], x)
 
     def init_sample(self, num: int, generator: torch.Generator | None = None) -> Tensor:
@@ -367,7 +367,7 @@ class ScoreMatching(Method):
         with pyro.plate("data", n):
             x = pyro.sample("x_init", dist.Uniform(lo, hi).expand([n, self.data_dim]).to_event(1))
             sigma, step = self.sigma.reshape(1), self.step_size.reshape(1)
-            denoise = self.objective == "dsm"
+            denoise = self.score_objective == "dsm"
             return langevin_chain(self.score, x, sigma, step, self.num_steps, denoise=denoise)
 
     @torch.no_grad()

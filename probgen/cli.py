@@ -548,7 +548,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     }
     start = time.perf_counter()
     try:
-        result = inference.trainer_for(args.method, default=inference.fit)(
+        result = inference.fit(
             method,
             train.x,
             val_data=val.x,

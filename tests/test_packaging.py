@@ -56,7 +56,7 @@ def test_wheel_contains_all_three_packages(tmp_path):
         "probgen/models/__init__.py",
         "probgen/models/vae.py",
         "probgen/inference/__init__.py",
-        "probgen/inference/svi.py",
+        "probgen/inference/train.py",
         "probgen/cli.py",
     ):
         assert required in names, required

@@ -35,6 +35,6 @@ def test_consistency_toy2d_tiny(tmp_path):
             assert math.isfinite(entry["sliced_wasserstein"]) and 0 <= entry["modes_captured"] <= 8
     assert set(report["targets"]) == {"cd_1_step_within_1.5x", "cd_2_step_within_1.25x"}
     method, meta = load_method(out / "cd", expected="consistency")
-    assert method.config["teacher"] == str(out / "teacher") and meta["fit"]["mode"] == "distillation"
+    assert method.config["teacher"] == str(out / "teacher") and meta["objective"]["mode"] == "distillation"
     with pytest.raises(SystemExit, match="already holds a run"):
         _load("consistency_toy2d").main(["--steps", "2", "--out", str(out), "--no-progress"])

@@ -1,7 +1,12 @@
 """Run by ``torchrun`` in test_distributed.py (and directly for the single-process reference).
 
-Fits a deterministic regression program (no latent sampling, so the runs are comparable
-exactly) and writes the final parameters of this rank to ``OUT/rank{r}.pt``.
+``ddp_worker.py OUT``: fits a deterministic regression program (no latent sampling, so the runs are
+comparable exactly) and writes the final parameters of this rank to ``OUT/rank{r}.pt``.
+
+``ddp_worker.py OUT methods``: joins the process group itself, then fits a VAE, a GAN and a
+consistency model by distillation (three objectives: one ELBO player, two adversarial players, a
+target network) with run directories ``OUT/<name>``, and writes this rank's final parameters to
+``OUT/<name>-rank{r}.pt``.
 """
 
 import os
@@ -36,6 +41,32 @@ class Regression(PyroModule):
         return Trace_ELBO()
 
 
+def methods(out: str) -> None:
+    from probgen.models import GAN, VAE, Consistency, ScoreSDE
+
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    data = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
+    sde, net = dict(sde="ve", sigma_min=0.01, sigma_max=4.0), dict(hidden=(16,), embed_dim=8)
+    torch.manual_seed(0)
+    teacher = ScoreSDE(2, **sde, **net)
+    builders = {
+        "vae": lambda: VAE(2, latent_dim=2, hidden=(16,), likelihood="gaussian"),
+        "gan": lambda: GAN(2, latent_dim=2, generator_hidden=(16,), discriminator_hidden=(16,), d_steps=2),
+        "cd": lambda: Consistency(2, **sde, **net, sigma_data=1.0, num_scales=8),
+    }
+    for name, build in builders.items():
+        torch.manual_seed(0)
+        method = build()
+        objective = method.objective(teacher=teacher) if name == "cd" else None
+        fit(method, data, objective=objective, steps=6, batch_size=32, val_data=data[:64], val_every=3,
+            run_dir=f"{out}/{name}", progress=False, device="cpu")  # fmt: skip
+        state = {k: v.detach().clone() for k, v in method.state_dict().items()}
+        torch.save({"state": state}, f"{out}/{name}-rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -43,12 +74,20 @@ def main(out: str) -> None:
     data = torch.cat([inputs, inputs.sin().sum(-1, keepdim=True)], dim=-1)
     torch.manual_seed(0)
     method = Regression()
-    fit(method, data, steps=25, batch_size=32, lr=1e-2, progress=False, device="cpu")
+    seen = {}
+
+    def record(step, loss):
+        seen["world"] = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+    fit(method, data, steps=25, batch_size=32, lr=1e-2, progress=False, device="cpu", callback=record)
     rank = int(os.environ.get("RANK", 0))
     state = {k: v.detach().clone() for k, v in method.state_dict().items()}
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = seen["world"]
     torch.save({"state": state, "world": world, "rows": method.rows_seen}, f"{out}/rank{rank}.pt")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[2:] == ["methods"]:
+        methods(sys.argv[1])
+    else:
+        main(sys.argv[1])

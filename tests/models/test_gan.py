@@ -73,7 +73,7 @@ def test_model_refuses_observations_and_there_is_no_guide_or_elbo():
     gan = _gan()
     with pytest.raises(ValueError, match="Expected x=None"):
         gan.model(torch.randn(2, 3))
-    with pytest.raises(NotImplementedError, match="fit_adversarial"):
+    with pytest.raises(NotImplementedError, match="GAN.objective"):
         gan.guide(torch.randn(2, 3))
     with pytest.raises(NotImplementedError, match="no variational guide or ELBO"):
         gan.elbo()

@@ -66,7 +66,7 @@ def per_example(method, x, seed):
     guide = poutine.trace(method.guide).get_trace(x)
     trace = poutine.trace(poutine.replay(method.model, trace=guide)).get_trace(x)
     trace.compute_log_prob()
-    if method.objective == "dsm":
+    if method.score_objective == "dsm":
         return -trace.nodes["eps"]["log_prob"].detach().double() - 0.5 * x.shape[1] * LOG_2PI
     return -trace.nodes["fisher"]["log_prob"].detach().double()
 

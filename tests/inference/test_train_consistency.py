@@ -1,4 +1,4 @@
-"""fit_consistency: distillation and training runs, checkpoints, exact resume, errors, the CLI."""
+"""fit over ConsistencyObjective: CD and CT runs, checkpoints, exact resume, errors, the CLI."""
 
 import math
 
@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from probgen.cli import main
-from probgen.inference import fit
-from probgen.inference.adversarial import trainer_for
-from probgen.inference.consistency import ConsistencyResult, fit_consistency
-from probgen.inference.svi import TrainingError
+from probgen.inference import TrainingError, fit
 from probgen.models import load_method
-from probgen.models.consistency import Consistency
+from probgen.models.consistency import Consistency, ConsistencyObjective
 from probgen.models.score_sde import ScoreSDE
 
 SDE = dict(sde="ve", sigma_min=0.01, sigma_max=8.0)
@@ -37,33 +34,38 @@ def _state(module) -> dict:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def test_registered_as_the_trainer_of_consistency():
-    assert trainer_for("consistency") is fit_consistency
+def _fit(cm, x, teacher=None, **kw):
+    return fit(cm, x, objective=cm.objective(teacher=teacher), **kw)
+
+
+def test_the_objective_of_a_consistency_model():
+    assert isinstance(_cm().objective(), ConsistencyObjective) and _cm().objective().mode == "training"
+    assert _cm().objective(teacher=_teacher()).mode == "distillation"
 
 
 def test_distillation_and_training_runs_save_loadable_checkpoints(tmp_path):
     x = _data()
     for mode, teacher in (("distillation", _teacher()), ("training", None)):
         cm = _cm()
-        meta = {"method": "consistency", "config": cm.config, "data": "toy"}
+        meta = {"data": "toy"}
         run = tmp_path / mode
-        result = fit_consistency(
+        result = _fit(
             cm, x, val_data=x[:64], steps=6, batch_size=32, teacher=teacher, val_every=3, log_every=2,
             run_dir=run, metadata=meta, progress=False, ema_decay=0.9,
         )  # fmt: skip
-        assert isinstance(result, ConsistencyResult) and result.mode == mode and result.step == 6
+        assert result.step == 6 and "Wasserstein" in result.val_metric
         assert [s for s, _ in result.history["train"]] == [2, 4, 6]
         assert all(math.isfinite(v) for _, v in result.history["train"] + result.history["val"])
         assert len(result.history["val"]) == 2
         loaded, saved = load_method(run, "last", expected="consistency")
-        assert isinstance(loaded, Consistency) and saved["fit"]["mode"] == mode
+        assert isinstance(loaded, Consistency) and saved["objective"]["mode"] == mode
         assert loaded.sample(5, steps=2).shape == (5, 2)
 
 
 def test_the_target_network_trails_the_online_one():
     cm = _cm(target_decay=0.5)
     before = _state(cm)
-    fit_consistency(cm, _data(), steps=3, batch_size=32, teacher=_teacher(), progress=False)
+    _fit(cm, _data(), steps=3, batch_size=32, teacher=_teacher(), progress=False)
     moved = [k for k in before if not torch.equal(before[k], cm.state_dict()[k])]
     assert moved, "the online network did not move"
 
@@ -72,11 +74,11 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     x = _data()
     kw = dict(batch_size=32, teacher=_teacher(), progress=False, checkpoint_every=2, val_every=2)
     straight = _cm()
-    fit_consistency(straight, x, steps=6, run_dir=tmp_path / "a", **kw)
+    _fit(straight, x, steps=6, run_dir=tmp_path / "a", **kw)
     split = _cm()
-    fit_consistency(split, x, steps=4, run_dir=tmp_path / "b", **kw)
+    _fit(split, x, steps=4, run_dir=tmp_path / "b", **kw)
     resumed = _cm()
-    fit_consistency(resumed, x, steps=6, run_dir=tmp_path / "b", resume=True, **kw)
+    _fit(resumed, x, steps=6, run_dir=tmp_path / "b", resume=True, **kw)
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
 
@@ -84,16 +86,16 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
 def test_errors():
     x = _data()
     with pytest.raises(ValueError, match="same SDE"):
-        fit_consistency(_cm(), x, steps=1, batch_size=8, teacher=ScoreSDE(2, sde="vp"), progress=False)
+        _fit(_cm(), x, steps=1, batch_size=8, teacher=ScoreSDE(2, sde="vp"), progress=False)
     with pytest.raises(ValueError, match="data shape"):
-        fit_consistency(_cm(), x, steps=1, batch_size=8, teacher=ScoreSDE(3, **SDE), progress=False)
+        _fit(_cm(), x, steps=1, batch_size=8, teacher=ScoreSDE(3, **SDE), progress=False)
     with pytest.raises(ValueError, match="Consistency model"):
-        fit_consistency(_teacher(), x, steps=1, batch_size=8, progress=False)
+        ConsistencyObjective(_teacher())
     cm = _cm()
     with torch.no_grad():
         cm.net.out.bias.fill_(float("nan"))
-    with pytest.raises(TrainingError, match="Non-finite consistency objective at step 1"):
-        fit_consistency(cm, x, steps=2, batch_size=8, progress=False)
+    with pytest.raises(TrainingError, match="Non-finite loss at step 1"):
+        _fit(cm, x, steps=2, batch_size=8, progress=False)
 
 
 def test_cli_distils_a_teacher_run_and_samples(tmp_path, capsys):

@@ -7,22 +7,16 @@ import torch.nn.functional as F
 
 from probgen.checkpoint import has_checkpoint, load_checkpoint
 from probgen.inference import TrainingError, fit
-from probgen.inference.adversarial import (
-    discriminator_loss,
-    fit_adversarial,
-    generated_batch,
-    generator_loss,
-    register_trainer,
-    trainer_for,
-)
-from probgen.models import VAE, load_method
-from probgen.models.gan import GAN
+from probgen.models import load_method
+from probgen.models.gan import GAN, AdversarialObjective, discriminator_loss, generated_batch, generator_loss
 from tests.common import assert_close
 
 
-def _gan(data_dim=2, discriminator_hidden=(16,)):
+def _gan(data_dim=2, discriminator_hidden=(16,), **options):
     torch.manual_seed(0)
-    return GAN(data_dim, latent_dim=3, generator_hidden=(16,), discriminator_hidden=discriminator_hidden)
+    return GAN(
+        data_dim, latent_dim=3, generator_hidden=(16,), discriminator_hidden=discriminator_hidden, **options
+    )
 
 
 def _data(n=256, seed=0):
@@ -70,8 +64,8 @@ def test_each_objective_moves_only_its_own_player():
 def test_fit_writes_checkpoints_that_load_as_the_method(tmp_path):
     x, xv = _data(), _data(64, seed=1)
     gan = _gan()
-    meta = {"method": "gan", "config": gan.config, "data": "toy"}
-    result = fit_adversarial(
+    meta = {"data": "toy"}
+    result = fit(
         gan, x, val_data=xv, steps=12, batch_size=32, val_every=4, run_dir=tmp_path, metadata=meta,
         progress=False,
     )  # fmt: skip
@@ -88,16 +82,17 @@ def test_fit_writes_checkpoints_that_load_as_the_method(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     x = _data()
-    kwargs = dict(batch_size=32, seed=3, d_steps=2, r1_gamma=0.5, ema_decay=0.9, progress=False)
-    full, losses_full = _gan(), []
-    fit_adversarial(full, x, steps=16, callback=lambda s, v: losses_full.append(v), **kwargs)
+    kwargs = dict(batch_size=32, seed=3, ema_decay=0.9, progress=False)
+    options = dict(d_steps=2, r1_gamma=0.5)
+    full, losses_full = _gan(**options), []
+    fit(full, x, steps=16, callback=lambda s, v: losses_full.append(v), **kwargs)
 
-    part, losses_part = _gan(), []
+    part, losses_part = _gan(**options), []
     record = lambda s, v: losses_part.append(v)  # noqa: E731
-    fit_adversarial(part, x, steps=8, run_dir=tmp_path, checkpoint_every=8, callback=record, **kwargs)
+    fit(part, x, steps=8, run_dir=tmp_path, checkpoint_every=8, callback=record, **kwargs)
     torch.manual_seed(12345)  # disturb the global RNG: the checkpoint must restore it
-    resumed = _gan()
-    result = fit_adversarial(resumed, x, steps=16, run_dir=tmp_path, resume=True, callback=record, **kwargs)
+    resumed = _gan(**options)
+    result = fit(resumed, x, steps=16, run_dir=tmp_path, resume=True, callback=record, **kwargs)
     assert result.step == 16 and len(losses_part) == 16
     assert losses_part == losses_full
     for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
@@ -112,8 +107,8 @@ def test_nonfinite_objective_raises_and_keeps_the_last_good_checkpoint(tmp_path)
             with torch.no_grad():
                 gan.generator.out.weight.fill_(float("nan"))
 
-    with pytest.raises(TrainingError, match=r"Non-finite discriminator objective at step 8.*generator\.out"):
-        fit_adversarial(
+    with pytest.raises(TrainingError, match=r"Non-finite discriminator loss at step 8.*generator\.out"):
+        fit(
             gan, _data(64), steps=50, batch_size=16, checkpoint_every=5, run_dir=tmp_path, progress=False,
             callback=poison,
         )  # fmt: skip
@@ -128,7 +123,7 @@ def test_interrupt_saves_last_checkpoint(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
-        fit_adversarial(
+        fit(
             _gan(), _data(64), steps=50, batch_size=16, checkpoint_every=100, run_dir=tmp_path,
             progress=False, callback=interrupt,
         )  # fmt: skip
@@ -137,7 +132,7 @@ def test_interrupt_saves_last_checkpoint(tmp_path):
 
 def test_early_stopping_on_the_validation_score(tmp_path):
     scores = iter([3.0, 2.0, 2.5, 2.6, 1.0])
-    result = fit_adversarial(
+    result = fit(
         _gan(), _data(64), val_data=_data(16, 1), steps=100, batch_size=16, val_every=2, patience=2,
         val_fn=lambda m, v: next(scores), progress=False,
     )  # fmt: skip
@@ -148,29 +143,41 @@ def test_early_stopping_on_the_validation_score(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(steps=0), "Expected steps to be a positive integer, but found 0"),
-        (dict(lr_d=-1.0), "Expected a positive finite lr_d or None, but found -1.0"),
+        (dict(lr_discriminator=-1.0), "Expected a positive finite lr_discriminator or None, but found -1.0"),
         (dict(betas=(1.0, 0.9)), r"Expected betas as two numbers in \[0, 1\), but found \(1.0, 0.9\)"),
         (dict(d_steps=0), "Expected d_steps to be a positive integer, but found 0"),
         (dict(r1_gamma=-0.1), "Expected r1_gamma >= 0, but found -0.1"),
+    ],
+)
+def test_gan_rejects_bad_training_options(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _gan(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(steps=0), "Expected steps to be a positive integer, but found 0"),
         (dict(ema_decay=1.0), r"Expected ema_decay in \(0, 1\) or None, but found 1.0"),
         (dict(resume=True), "Expected a run_dir to resume from, but found None"),
     ],
 )
-def test_fit_adversarial_rejects_bad_arguments(kwargs, message):
+def test_fit_of_a_gan_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        fit_adversarial(_gan(), _data(64), batch_size=16, progress=False, **kwargs)
+        fit(_gan(), _data(64), batch_size=16, progress=False, **kwargs)
 
 
-def test_fit_adversarial_rejects_a_method_without_two_players_and_bad_data():
-    with pytest.raises(ValueError, match="Expected a GAN with a 'generator' attribute, but found VAE"):
-        fit_adversarial(VAE(2, likelihood="gaussian"), _data(64), batch_size=16, progress=False)
+def test_fit_of_a_gan_rejects_bad_data():
     with pytest.raises(ValueError, match=r"Expected data of shape \(B, 2\) for GAN, but found \(64, 3\)"):
-        fit_adversarial(_gan(), torch.randn(64, 3), batch_size=16, progress=False)
+        fit(_gan(), torch.randn(64, 3), batch_size=16, progress=False)
 
 
-def test_trainer_registry():
-    assert trainer_for("gan") is fit_adversarial
-    assert trainer_for("vae") is fit and trainer_for("vae", default=print) is print
-    with pytest.raises(ValueError, match="Expected a callable trainer, but found int"):
-        register_trainer("gan", 3)
+def test_the_objective_has_two_players_with_their_own_options():
+    gan = _gan(lr_generator=1e-4, betas=(0.0, 0.9), d_steps=3)
+    objective = gan.objective()
+    assert isinstance(objective, AdversarialObjective) and objective.batches_per_step == 3
+    players = objective.players()
+    assert list(players) == ["discriminator", "generator"]
+    assert players["generator"].lr == 1e-4 and players["discriminator"].lr is None
+    assert players["generator"].betas == (0.0, 0.9)
+    assert {id(p) for p in players["generator"].params} == {id(p) for p in gan.generator.parameters()}
