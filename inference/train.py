@@ -180,7 +180,9 @@ def fit(
             :math:`d_t = \min(d, (1 + t)/(10 + t))`; validation, ``best`` and the returned method
             use the average, ``last`` holds both. Must lie in (0, 1) or be None.
         divergence_factor: a validation score above
-            :math:`\text{best} + f \max(|\text{best}|, 1)` (or a non-finite one) is divergence.
+            :math:`\text{best} + f \max(|\text{best}|, 1)` (or a non-finite one) is divergence, and so
+            is a player's mean loss over ``log_every`` steps above
+            :math:`\text{lowest} + f \max(|\text{lowest}|, 1)`, lowest its lowest single-step loss.
 
     Returns:
         A :class:`FitResult`. On return the method holds the best parameters when validation was
@@ -252,6 +254,7 @@ class _Loop:
             self.result.history.setdefault(key, [])
         self.window: dict[str, list[float]] = {key: [] for key in self.log_names.values()}
         self.since_best = 0
+        self.lowest: dict[str, float] = {}  # the lowest single-step loss of each player, for divergence
         self.best_state: dict[str, Tensor] | None = None
         self.lr_history: list[list[float]] = [[0, self.lr]]
         torch.manual_seed(self.seed + self.rank)  # Pyro samples from torch's global RNG
@@ -313,7 +316,7 @@ class _Loop:
         meta.update(
             step=result.step, best_step=result.best_step, best_val=result.best_val,
             since_best=self.since_best, stopped_early=result.stopped_early, history=result.history,
-            window=self.window, fit=self.settings, lr_history=self.lr_history,
+            window=self.window, lowest=self.lowest, fit=self.settings, lr_history=self.lr_history,
             objective=self.objective.settings(), val_metric=result.val_metric,
         )  # fmt: skip
         tensors = self._state_tensors()
@@ -378,6 +381,7 @@ class _Loop:
         for key in (*self.log_names.values(), "val"):
             result.history.setdefault(key, [])
         self.window = {key: list(meta.get("window", {}).get(key, [])) for key in self.log_names.values()}
+        self.lowest = {k: float(v) for k, v in meta.get("lowest", {}).items()}
         self.since_best = int(meta.get("since_best", 0))
         self.lr_history = [list(p) for p in meta.get("lr_history", [[0, saved.get("lr", self.lr)]])]
         if self.lr_history[-1][1] != self.lr:
@@ -485,13 +489,23 @@ class _Loop:
     def _log(self, losses: dict[str, list[float]], bar) -> None:
         result = self.result
         for name, values in losses.items():
-            self.window[self.log_names[name]].append(sum(values) / len(values))
+            key = self.log_names[name]
+            self.window[key].append(sum(values) / len(values))
+            self.lowest[key] = min(self.lowest.get(key, math.inf), *values)
         lengths = [len(v) for v in self.window.values()]
         if max(lengths) >= self.log_every or result.step == self.steps:
             post = {}
             for key, values in self.window.items():
                 if values:
                     mean = sum(values) / len(values)
+                    low = self.lowest[key]
+                    if mean > low + self.divergence_factor * max(abs(low), 1.0):
+                        what = "training loss" if key == "train" else f"{key} loss"
+                        raise self._diverged(
+                            f"Diverged: the {what} exploded to {mean:.3g} over the last steps "
+                            f"(lowest {low:.3g})",
+                            result.step,
+                        )
                     result.history[key].append((result.step, mean))
                     post["loss" if key == "train" else key[:4]] = f"{mean:.4g}"
                     values.clear()
@@ -518,14 +532,15 @@ class _Loop:
                                 name, loss = next(stream)
                         except StopIteration:
                             break
-                        except ValueError as exc:  # validation caught a non-finite parameter
-                            if "invalid values" not in str(exc):
+                        except (ValueError, AssertionError, RuntimeError) as exc:
+                            # Pyro's validation caught a non-finite parameter, or the programs broke on
+                            # diverged parameters (e.g. an assertion in a spline): both are divergence.
+                            if "invalid values" not in str(exc) and not self._finite_state():
                                 raise
                             single = next(iter(self.players)) if len(self.players) == 1 else None
-                            first_line = str(exc).split(":")[0][:160]
+                            first_line = (str(exc).split(":")[0] or type(exc).__name__)[:160]
                             raise self._diverged(
-                                f"Non-finite loss at step {result.step + 1} "
-                                f"(Pyro's validation: {first_line})",
+                                f"Non-finite loss at step {result.step + 1} ({first_line})",
                                 None,
                                 single,
                             ) from exc

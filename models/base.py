@@ -11,6 +11,7 @@ checkpoints and the command line need to know about a method is here.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,7 +24,24 @@ from pyro.nn import PyroModule
 from probgen.checkpoint import CheckpointError, has_checkpoint, load_checkpoint
 from probgen.objectives import ELBOObjective, Objective
 
-__all__ = ["Method", "register", "build", "available", "method_class", "load_method"]
+__all__ = [
+    "MAX_CONFIG_INT",
+    "MAX_PARAMETERS",
+    "Method",
+    "available",
+    "build",
+    "check_config_sizes",
+    "check_parameter_count",
+    "load_method",
+    "method_class",
+    "register",
+]
+
+#: the largest integer a config (or a ``--set`` override) may hold: every size is checked against it
+#: before anything is allocated, so a typo or a crafted run directory cannot exhaust memory.
+MAX_CONFIG_INT = 10**7
+#: the most parameters a method may have (counted on the ``meta`` device, before allocation).
+MAX_PARAMETERS = 10**9
 
 _REGISTRY: dict[str, type[Method]] = {}
 
@@ -91,8 +109,11 @@ class Method(PyroModule):
                 f"Expected data of shape (B, {self.event_dim}) for {type(self).__name__}, "
                 f"but found {tuple(x.shape)}."
             )
-        if self.finite_data and not bool(torch.isfinite(x).all()):
-            raise ValueError("Expected finite data, but found NaN or infinite values.")
+        if self.finite_data and not bool(torch.isfinite(x.to(torch.float32)).all()):
+            raise ValueError(
+                "Expected finite data within float32's range (the methods compute in float32), "
+                "but found NaN, infinite or overflowing values."
+            )
         return x
 
     def _batch_size(self, x: torch.Tensor | None, batch_size: int | None) -> int:
@@ -139,9 +160,65 @@ def method_class(name: str) -> type[Method]:
         raise ValueError(f"Expected a method name in {available()}, but found {name!r}.") from None
 
 
+def check_config_sizes(config: Any, where: str = "config") -> None:
+    """Refuse integers above :data:`MAX_CONFIG_INT` anywhere in ``config`` (nested lists and dicts).
+
+    Raises:
+        ValueError: naming the key and the limit.
+    """
+    if isinstance(config, bool):
+        return
+    if isinstance(config, int):
+        if abs(config) > MAX_CONFIG_INT:
+            raise ValueError(f"Expected {where} <= {MAX_CONFIG_INT:.0e} (a size limit), but found {config}.")
+    elif isinstance(config, float) and abs(config) > MAX_CONFIG_INT and float(config).is_integer():
+        raise ValueError(f"Expected {where} <= {MAX_CONFIG_INT:.0e} (a size limit), but found {config}.")
+    elif isinstance(config, dict):
+        for key, value in config.items():
+            check_config_sizes(value, f"{where}.{key}" if where != "config" else str(key))
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            check_config_sizes(value, f"{where}[{i}]")
+
+
+def check_parameter_count(factory: Callable[[], Method]) -> None:
+    """Refuse a method that ``factory()`` would build with over :data:`MAX_PARAMETERS` parameters.
+
+    ``factory`` runs on the ``meta`` device first, so nothing is allocated; a constructor that computes
+    with real values on the way (e.g. ``Tensor.item()``) cannot be counted there and is let through
+    (its integer sizes are still capped by :func:`check_config_sizes`).
+
+    Raises:
+        ValueError: over the limit (and what ``factory`` raises for bad arguments).
+    """
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a teacher's weights copied onto meta tensors (a no-op)
+            module = factory()
+    except (TypeError, ValueError):
+        raise
+    except Exception:  # not countable on the meta device
+        return
+    count = sum(p.numel() for p in module.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"Expected at most {MAX_PARAMETERS:.0e} parameters, but found {count:.3g} in this config."
+        )
+
+
 def build(name: str, **config: Any) -> Method:
-    """Construct the method ``name`` from its constructor keyword arguments."""
-    return method_class(name)(**config)
+    """Construct the method ``name`` from its constructor keyword arguments.
+
+    Sizes are checked before anything is allocated (:func:`check_config_sizes`, then the parameter
+    count on the ``meta`` device against :data:`MAX_PARAMETERS`).
+
+    Raises:
+        ValueError: an unknown name, a bad argument, or a size over the limits.
+    """
+    cls = method_class(name)
+    check_config_sizes(config)
+    check_parameter_count(lambda: cls(**config))
+    return cls(**config)
 
 
 def load_method(
@@ -221,6 +298,12 @@ def load_method(
     if problems:
         shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
         raise CheckpointError(f"the tensors of {where} do not fit a {name!r} with its saved config: {shown}")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"the tensors of {where} are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+            "the run diverged before this checkpoint; load another tag or retrain"
+        )
     method.load_state_dict(state, strict=True)
     method.to(device)
     method.eval()

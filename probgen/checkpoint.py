@@ -9,7 +9,9 @@ A run directory holds, for every tag (``"last"``, ``"best"``, ...), two files::
 replaces ``{tag}.json`` (temp file, ``fsync``, ``os.replace``, directory
 ``fsync``), then removes the weights files that ``{tag}.json`` no longer
 names. A crash or Ctrl-C at any point therefore leaves ``{tag}.json`` naming a
-complete weights file whose SHA-256 it records. Loading reads JSON and
+complete weights file whose SHA-256 it records. From format version 2 the JSON also
+records the SHA-256 of the whole record (config, step, every metadata field), so an
+edited run directory is refused instead of loaded. Loading reads JSON and
 safetensors only; nothing is ever unpickled.
 
 Nested Python state (optimizer ``state_dict()``, RNG states) is stored with
@@ -42,6 +44,7 @@ from probgen import __version__
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "CheckpointError",
     "atomic_write_bytes",
     "flatten_state",
@@ -54,7 +57,9 @@ __all__ = [
     "write_json_atomic",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: format versions :func:`load_checkpoint` reads: 1 (digest of the weights only) and 2 (also of the record).
+READABLE_VERSIONS = (1, 2)
 
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _WEIGHTS_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\.safetensors")
@@ -304,6 +309,7 @@ def save_checkpoint(
         "saved_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "metadata": metadata,
     }
+    info["record_sha256"] = _record_digest(info)
     json_path = atomic_write_bytes(run_dir / f"{tag}.json", _dumps(info, "checkpoint"))
 
     weights_re, temp_re = _weights_re(tag), _temp_re(tag)
@@ -314,15 +320,21 @@ def save_checkpoint(
     return json_path
 
 
+def _record_digest(info: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of the whole record (every field but the digest itself)."""
+    record = {k: v for k, v in info.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
 def _check_info(info: Any, json_path: Path) -> tuple[str, str]:
     if not isinstance(info, dict) or "format_version" not in info:
         raise CheckpointError(f"{json_path} is not a probgen checkpoint (no format_version)")
     version = info["format_version"]
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise CheckpointError(
             f"incompatible checkpoint {json_path}: written with format_version {version!r} by "
             f"probgen {info.get('probgen_version')!r}; probgen {__version__} reads format_version "
-            f"{FORMAT_VERSION}"
+            f"{' and '.join(map(str, READABLE_VERSIONS))}"
         )
     weights, digest = info.get("weights"), info.get("sha256")
     if not isinstance(weights, str) or not _WEIGHTS_NAME_RE.fullmatch(weights):
@@ -331,6 +343,19 @@ def _check_info(info: Any, json_path: Path) -> tuple[str, str]:
         raise CheckpointError(f"corrupt checkpoint {json_path}: invalid sha256 {digest!r}")
     if not isinstance(info.get("metadata"), dict):
         raise CheckpointError(f"corrupt checkpoint {json_path}: 'metadata' is not a JSON object")
+    if version >= 2:
+        recorded = info.get("record_sha256")
+        try:
+            actual = _record_digest(info)
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(
+                f"corrupt checkpoint {json_path}: the record is not strict JSON ({exc})"
+            ) from None
+        if recorded != actual:
+            raise CheckpointError(
+                f"corrupt checkpoint {json_path}: the record (config, step, metadata) does not match its "
+                f"record_sha256 (the file was edited or damaged); restore it, or start a new run"
+            )
     return weights, digest
 
 
@@ -350,8 +375,9 @@ def load_checkpoint(
         ``"weights"``, ``"sha256"``, ``"saved_at"``.
 
     Raises:
-        CheckpointError: If the checkpoint is missing, its JSON or weights are damaged (SHA-256
-            mismatch: "corrupt"), or its format version is not :data:`FORMAT_VERSION`.
+        CheckpointError: If the checkpoint is missing, its JSON or weights are damaged or edited
+            (a SHA-256 mismatch of the weights, or of the whole record from format version 2:
+            "corrupt"), or its format version is not one of :data:`READABLE_VERSIONS`.
     """
     run_dir = Path(run_dir)
     _check_tag(tag)

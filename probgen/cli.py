@@ -472,6 +472,7 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from probgen import inference
     from probgen.models import available, load_method, method_class
+    from probgen.models.base import check_config_sizes, check_parameter_count
     from probgen.plotting import save_loss_curves
 
     if args.method not in available():
@@ -486,9 +487,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise UsageError(f"--sde {args.sde} contradicts --set sde={overrides['sde']}")
     saved_tags = list_checkpoints(run_dir)
     saved: dict[str, Any] = {}
+    if args.resume and not run_dir.is_dir():
+        raise CheckpointError(f"nothing to resume: no run directory {run_dir}")
+    if args.resume and not has_checkpoint(run_dir, "last"):
+        # A run killed before its first 'last' (or during it) left nothing to continue: start it.
+        print(
+            f"{_PROG}: note: no checkpoint 'last' in {run_dir} to resume; starting the run afresh",
+            file=sys.stderr,
+        )
+        args.resume, saved_tags = False, []
     if args.resume:
-        if not has_checkpoint(run_dir, "last"):
-            raise CheckpointError(f"nothing to resume: no checkpoint 'last' in {run_dir}")
         info = read_json(run_dir / "last.json")
         meta = info.get("metadata") if isinstance(info, dict) else None
         meta = meta if isinstance(meta, dict) else {}
@@ -517,9 +525,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if value is None:
             value = saved.get(key, _DEFAULTS[key])
         elif key in saved and key != "steps" and saved[key] != value:
+            flag = f"--{key.replace('_', '-')}"
+            if key in ("batch_size", "seed", "ema_decay"):
+                raise UsageError(
+                    f"{flag} {value} differs from the saved run's {saved[key]}, and a resumed run cannot "
+                    f"change it (it would not continue the same run); start a new run with --out to change it"
+                )
             print(
-                f"{_PROG}: note: --{key.replace('_', '-')} {value} differs from the saved run's "
-                f"{saved[key]}; the resumed run will not match an uninterrupted one",
+                f"{_PROG}: note: {flag} {value} replaces the saved run's {saved[key]} from step {step} on "
+                "(recorded in the checkpoint)",
                 file=sys.stderr,
             )
         settings[key] = value
@@ -531,10 +545,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     train = load_dataset(args.data, "train", form=form)
     val = load_dataset(args.data, "val", form=form)
     if not args.resume:
+        check_config_sizes(overrides)
+        cls = method_class(args.method)
         try:
+            check_parameter_count(lambda: cls.from_data(train, **overrides))
             with torch.random.fork_rng(devices=[]):  # initialization is a function of --seed
                 torch.manual_seed(settings["seed"])
-                method = method_class(args.method).from_data(train, **overrides)
+                method = cls.from_data(train, **overrides)
         except TypeError as exc:  # an unknown keyword from --set
             raise UsageError(f"invalid --set for {args.method!r}: {exc}") from exc
     metadata = {
@@ -602,6 +619,13 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     method, meta = load_method(args.run_dir, args.tag, device=_device(args.device))
     x = _sample(method, args.num, args.seed, args)
+    bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
+    if bad:
+        _fail(
+            f"sampling failed: {bad} of {args.num} samples are not finite (the sampler diverged); "
+            "try another --sampler or more --steps"
+        )
+        return 1
     form, levels = meta.get("form", "int"), meta.get("num_levels")
     event_shape = tuple(meta.get("event_shape") or (x.shape[1],))
     if math.prod(event_shape) != x.shape[1]:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["assert_close", "mc_tolerance"]
+__all__ = ["TINY", "assert_close", "mc_tolerance", "tiny_method", "toy_data"]
 
 
 def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, msg: str = "") -> None:
@@ -19,3 +19,50 @@ def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, ms
 def mc_tolerance(std: float, n: int, z: float = 4.0) -> float:
     """Half-width of a ``z``-sigma Monte Carlo interval for a mean of ``n`` draws of spread ``std``."""
     return z * std / math.sqrt(n)
+
+
+def _tiny_distilled():
+    from probgen.models import DDPM, Distilled
+
+    teacher = DDPM(2, T=16, hidden=(16,), embed_dim=8)
+    student = Distilled.from_teacher(teacher, 4)
+    student.attach_teacher(teacher.requires_grad_(False))
+    return student
+
+
+def _tiny(name: str, **config):
+    def build():
+        from probgen.models import build as build_method
+
+        return build_method(name, **config)
+
+    return build
+
+
+SDE = {"sde": "ve", "sigma_min": 0.01, "sigma_max": 4.0}
+#: a tiny instance of every method of ``probgen list`` on 2-D data, for contract tests; a new method
+#: must add one (the contract tests check that every listed method has one).
+TINY = {
+    "vae": _tiny("vae", data_dim=2, latent_dim=2, hidden=(16,), likelihood="gaussian"),
+    "gan": _tiny("gan", data_dim=2, latent_dim=2, generator_hidden=(16,), discriminator_hidden=(16,)),
+    "flow": _tiny("flow", data_dim=2, num_layers=2, hidden=(16,)),
+    "ddpm": _tiny("ddpm", data_dim=2, T=16, hidden=(16,), embed_dim=8),
+    "ncsn": _tiny("ncsn", data_dim=2, num_levels=4, hidden=(16,), embed_dim=8),
+    "score-matching": _tiny("score-matching", data_dim=2, hidden=(16,)),
+    "score-sde": _tiny("score-sde", data_dim=2, **SDE, hidden=(16,), embed_dim=8),
+    "consistency": _tiny("consistency", data_dim=2, **SDE, hidden=(16,), embed_dim=8, sigma_data=1.0),
+    "distilled": _tiny_distilled,
+}
+
+
+def tiny_method(name: str, seed: int = 0):
+    """A freshly initialized tiny ``name`` (initialization seeded)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TINY[name]()
+
+
+def toy_data(n: int = 256, seed: int = 0) -> torch.Tensor:
+    """``n`` points of a 2-D Gaussian blob away from the origin, ``(n, 2)``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=g) * 0.7 + torch.tensor([1.0, -0.5])

@@ -18,6 +18,7 @@ import probgen
 from probgen.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
+    _record_digest,  # noqa: I001 (private: the tests forge records)
     atomic_write_bytes,
     flatten_state,
     has_checkpoint,
@@ -290,6 +291,7 @@ def test_corrupted_or_truncated_weights_raise(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-20])
     info = read_json(tmp_path / "last.json")
     info["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    info["record_sha256"] = _record_digest(info)  # a forger who also reseals the record
     write_json_atomic(tmp_path / "last.json", info)
     with pytest.raises(CheckpointError, match="corrupt weights file") as err:
         load_checkpoint(tmp_path)
@@ -386,3 +388,33 @@ def test_save_fsyncs_weights_before_committing_json(tmp_path, monkeypatch):
     monkeypatch.undo()
     # file data synced, renamed, directory synced; only then the JSON commit, likewise synced.
     assert events == ["fsync", "replace last", "fsync", "fsync", "replace last.json", "fsync"]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda info: info["metadata"].__setitem__("step", 999),
+        lambda info: info["metadata"].__setitem__("config", {"T": 10}),
+        lambda info: info.__setitem__("saved_at", "2020-01-01"),
+        lambda info: info["metadata"].__setitem__("extra", 1),
+    ],
+    ids=["step", "config", "saved_at", "new-key"],
+)
+def test_an_edited_record_is_refused(tmp_path, edit):
+    save_checkpoint(tmp_path, "last", _tensors(0), {"step": 3, "config": {"T": 1000}})
+    info = read_json(tmp_path / "last.json")
+    assert info["format_version"] == 2 and len(info["record_sha256"]) == 64
+    edit(info)
+    write_json_atomic(tmp_path / "last.json", info)
+    with pytest.raises(CheckpointError, match="does not match its record_sha256"):
+        load_checkpoint(tmp_path)
+
+
+def test_format_version_1_still_loads(tmp_path):
+    """A run directory of format version 1 (digest of the weights only) is read as before."""
+    save_checkpoint(tmp_path, "last", _tensors(0), {"step": 3})
+    info = read_json(tmp_path / "last.json")
+    del info["record_sha256"]
+    write_json_atomic(tmp_path / "last.json", {**info, "format_version": 1})
+    tensors, loaded = load_checkpoint(tmp_path)
+    assert loaded["metadata"]["step"] == 3 and torch.equal(tensors["count"], _tensors(0)["count"])

@@ -229,6 +229,8 @@ def test_refuses_to_overwrite_a_saved_run(digits_run, capsys):
     [
         (["--data", "eight_gaussians"], "holds a run of 'vae' on 'digits'"),
         (["--data", "digits", "--set", "latent_dim=3"], "--set cannot change"),
+        (["--data", "digits", "--batch-size", "7"], "--batch-size 7 differs from the saved run's"),
+        (["--data", "digits", "--seed", "9"], "a resumed run cannot change it"),
     ],
 )
 def test_resume_must_match_the_saved_run(run_copy, capsys, extra, needle):
@@ -439,11 +441,23 @@ def test_corrupt_run_dir_exits_2(run_copy, tmp_path, capsys, command):
     assert not (tmp_path / "s.png").exists()
 
 
-def _rewrite_metadata(run_dir, **changes):
+def _rewrite_metadata(run_dir, reseal=True, **changes):
+    """Edit the metadata of both checkpoints; ``reseal``: recompute the record digest as a forger
+    would, so that what is tested is the check behind it."""
+    from probgen.checkpoint import _record_digest
+
     for tag in ("best", "last"):
         info = read_json(run_dir / f"{tag}.json")
         info["metadata"].update(changes)
+        if reseal:
+            info["record_sha256"] = _record_digest(info)
         (run_dir / f"{tag}.json").write_text(json.dumps(info))
+
+
+def test_an_edited_run_directory_exits_2(run_copy, tmp_path, capsys):
+    _rewrite_metadata(run_copy, reseal=False, step=5)
+    assert main(["sample", str(run_copy), "--out", str(tmp_path / "s.png")]) == 2
+    _assert_one_line_error(capsys, "does not match its record_sha256")
 
 
 def test_run_of_another_method_exits_2(run_copy, tmp_path, capsys):
@@ -471,6 +485,9 @@ def test_load_method_round_trip_and_tags(digits_run):
 
 
 def test_load_method_errors(run_copy, tmp_path):
+    from probgen.checkpoint import _record_digest
+
+    config = read_json(run_copy / "best.json")["metadata"]["config"]
     with pytest.raises(CheckpointError, match="no checkpoint 'nope'"):
         load_method(run_copy, "nope")
     _rewrite_metadata(
@@ -484,8 +501,16 @@ def test_load_method_errors(run_copy, tmp_path):
         load_method(run_copy)
     info = read_json(run_copy / "best.json")
     del info["metadata"]["config"]
+    info["record_sha256"] = _record_digest(info)
     (run_copy / "best.json").write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match="'config'"):
+        load_method(run_copy)
+    # Sizes are checked before anything is allocated: a crafted config cannot exhaust memory.
+    _rewrite_metadata(run_copy, config={**config, "hidden": [10**12]})
+    with pytest.raises(CheckpointError, match=r"Expected hidden\[0\] <= 1e\+07"):
+        load_method(run_copy)
+    _rewrite_metadata(run_copy, config={**config, "hidden": [60000, 60000]})
+    with pytest.raises(CheckpointError, match=r"Expected at most 1e\+09 parameters"):
         load_method(run_copy)
 
 
