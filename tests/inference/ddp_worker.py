@@ -5,11 +5,13 @@ comparable exactly) and writes the final parameters of this rank to ``OUT/rank{r
 
 ``ddp_worker.py OUT methods``: joins the process group itself, then fits a VAE, a GAN and a
 consistency model by distillation (three objectives: one ELBO player, two adversarial players, a
-target network) with run directories ``OUT/<name>``, and writes this rank's final parameters to
+target network) with run directories ``OUT/<name>``, and again interrupted by SIGINT on every rank
+after step 3 and resumed (``OUT/<name>-split``); writes this rank's final parameters of both to
 ``OUT/<name>-rank{r}.pt``.
 """
 
 import os
+import signal
 import sys
 
 import pyro
@@ -56,14 +58,32 @@ def methods(out: str) -> None:
         "gan": lambda: GAN(2, latent_dim=2, generator_hidden=(16,), discriminator_hidden=(16,), d_steps=2),
         "cd": lambda: Consistency(2, **sde, **net, sigma_data=1.0, num_scales=8),
     }
-    for name, build in builders.items():
+
+    def run(name, run_dir, **kw):
         torch.manual_seed(0)
-        method = build()
+        method = builders[name]()
         objective = method.objective(teacher=teacher) if name == "cd" else None
         fit(method, data, objective=objective, steps=6, batch_size=32, val_data=data[:64], val_every=3,
-            run_dir=f"{out}/{name}", progress=False, device="cpu")  # fmt: skip
-        state = {k: v.detach().clone() for k, v in method.state_dict().items()}
-        torch.save({"state": state}, f"{out}/{name}-rank{rank}.pt")
+            checkpoint_every=2, run_dir=run_dir, progress=False, device="cpu", **kw)  # fmt: skip
+        return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+    def interrupt(step, loss):  # Ctrl-C on every rank (as torchrun forwards it) after step 3
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    for name in builders:
+        state = run(name, f"{out}/{name}")
+        try:
+            run(name, f"{out}/{name}-split", callback=interrupt)
+            stopped_at = None
+        except KeyboardInterrupt:
+            from probgen.checkpoint import load_checkpoint
+
+            stopped_at = load_checkpoint(f"{out}/{name}-split", "last")[1]["metadata"]["step"]
+        resumed = run(name, f"{out}/{name}-split", resume=True)
+        torch.save(
+            {"state": state, "resumed": resumed, "stopped_at": stopped_at}, f"{out}/{name}-rank{rank}.pt"
+        )
     torch.distributed.destroy_process_group()
 
 

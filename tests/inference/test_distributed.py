@@ -42,6 +42,12 @@ def test_two_process_data_parallel_matches_single_process(tmp_path):
     assert not torch.equal(ref["log_scale"], torch.zeros(()))
 
 
+def info_history(run_dir):
+    from probgen.checkpoint import load_checkpoint
+
+    return load_checkpoint(run_dir, "last")[1]["metadata"]["history"]
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_every_objective_trains_data_parallel_with_ranks_in_step(tmp_path):
     from probgen.checkpoint import load_checkpoint
@@ -49,9 +55,16 @@ def test_every_objective_trains_data_parallel_with_ranks_in_step(tmp_path):
 
     _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], tmp_path, "methods")
     for name in ("vae", "gan", "cd"):
-        r0, r1 = (torch.load(tmp_path / f"{name}-rank{r}.pt")["state"] for r in (0, 1))
+        saved = [torch.load(tmp_path / f"{name}-rank{r}.pt") for r in (0, 1)]
+        r0, r1 = (s["state"] for s in saved)
+        assert [s["stopped_at"] for s in saved] == [4, 4]  # both ranks stopped together, `last` at 4
         for key in r0:  # every player's gradients are all-reduced: the ranks stay bitwise equal
             assert torch.equal(r0[key], r1[key]), (name, key)
+            # Interrupted after step 3 on both ranks and resumed: the run continues exactly.
+            for s in saved:
+                torch.testing.assert_close(s["resumed"][key], r0[key], atol=1e-6, rtol=0, msg=(name, key))
+        split = load_checkpoint(tmp_path / f"{name}-split", "last")[1]["metadata"]
+        assert split["step"] == 6 and split["history"] == info_history(tmp_path / name)
         tensors, info = load_checkpoint(tmp_path / name, "last")
         assert info["metadata"]["step"] == 6 and info["metadata"]["fit"]["world_size"] == 2
         # Every rank's RNG state is saved, and the ranks were seeded apart.
