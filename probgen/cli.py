@@ -22,6 +22,7 @@ import argparse
 import io
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -593,6 +594,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             )
         return 130
     seconds = time.perf_counter() - start
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes and reports
+        return 0
     loss_png = save_loss_curves(
         {name: points for name, points in result.history.items() if points},
         run_dir / "loss.png",
@@ -799,8 +802,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_PROG}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into e.g. `head`: stop quietly, as Unix tools do
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:

@@ -72,3 +72,22 @@ def test_every_objective_trains_data_parallel_with_ranks_in_step(tmp_path):
         loaded, _ = load_method(tmp_path / name)  # best: what fit leaves in the method
         for key, value in loaded.state_dict().items():
             assert torch.equal(value, r0[key]), (name, key)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("method", ["gan", "consistency"])
+def test_torchrun_of_the_cli_trains_and_only_rank_0_writes(tmp_path, method):
+    from probgen.checkpoint import load_checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    run = tmp_path / method
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    argv += ["-m", "probgen.cli", "train", method, "--data", "eight_gaussians", "--out", str(run)]
+    argv += ["--steps", "8", "--val-every", "4", "--batch-size", "32", "--no-progress"]
+    argv += ["--set", "hidden=[16]"] if method == "consistency" else ["--set", "generator_hidden=[16]"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("trained ") == 1  # rank 0 reports, rank 1 stays quiet
+    meta = load_checkpoint(run, "last")[1]["metadata"]
+    assert meta["step"] == 8 and meta["fit"]["world_size"] == 2
