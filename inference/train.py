@@ -514,7 +514,7 @@ class _Loop:
     def run(self) -> FitResult:
         result, method = self.result, self.method
         stop = _InterruptFlag()
-        first = True
+        first, started = True, result.step
         bar = tqdm(
             total=self.steps, initial=result.step, disable=not (self.progress and self.is_main),
             desc=f"fit {getattr(method, 'name', '') or type(method).__name__}", dynamic_ncols=True,
@@ -534,13 +534,26 @@ class _Loop:
                             break
                         except (ValueError, AssertionError, RuntimeError) as exc:
                             # Pyro's validation caught a non-finite parameter, or the programs broke on
-                            # diverged parameters (e.g. an assertion in a spline): both are divergence.
-                            if "invalid values" not in str(exc) and not self._finite_state():
+                            # diverged parameters (non-finite ones, or finite ones that a numerical
+                            # assertion, e.g. in Pyro's splines, refuses after updates that worked before):
+                            # divergence. Anything else (an assertion at a run's first step, a user's
+                            # RuntimeError on finite parameters) is raised as it is.
+                            invalid = "invalid values" in str(exc)
+                            after_updates = isinstance(exc, AssertionError) and result.step > started
+                            if not (invalid or self._finite_state() or after_updates):
                                 raise
                             single = next(iter(self.players)) if len(self.players) == 1 else None
-                            first_line = (str(exc).split(":")[0] or type(exc).__name__)[:160]
+                            first_line = str(exc).split(":")[0][:160]
+                            detail = (
+                                f"{type(exc).__name__}: {first_line}" if first_line else type(exc).__name__
+                            )
+                            what = (
+                                "Non-finite loss"
+                                if invalid
+                                else "The objective failed on the updated parameters"
+                            )
                             raise self._diverged(
-                                f"Non-finite loss at step {result.step + 1} ({first_line})",
+                                f"{what} at step {result.step + 1} ({detail})",
                                 None,
                                 single,
                             ) from exc

@@ -207,5 +207,6 @@ def nonfinite_site(method: nn.Module, x: Tensor) -> str | None:
                     if not torch.isfinite(site["fn"].log_prob(site["value"])).all():
                         return f"{where} site {name!r} has a non-finite log-prob"
     except Exception as exc:  # diagnosing must never hide the original problem
-        return f"could not trace the programs to find the site ({type(exc).__name__}: {exc})"
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return f"could not trace the programs to find the site ({detail})"
     return None

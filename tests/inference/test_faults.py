@@ -246,3 +246,11 @@ def test_cli_refuses_huge_sizes_before_allocating(tmp_path, capsys):
     assert main([*argv, "--set", "hidden=[60000,60000]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "parameters" in err[0], err
+
+
+def test_a_flow_at_an_absurd_learning_rate_is_a_training_failure(tmp_path, capsys):
+    """Pyro's spline asserts on the parameters the first updates made: divergence, exit 1, one line."""
+    argv = ["train", "flow", "--data", "moons", "--out", str(tmp_path / "r"), "--steps", "300"]
+    assert main([*argv, "--lr", "1000", "--val-every", "20", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training failed" in err[0], err
