@@ -16,7 +16,7 @@ from probgen.inference.distill import (
     load_teacher,
     progressive_distill,
 )
-from probgen.inference.evaluate import evaluate, log_likelihood, register_likelihood
+from probgen.inference.evaluate import evaluate, log_likelihood
 from probgen.inference.inspect import TraceReport, inspect_trace
 from probgen.inference.langevin import (
     annealed_langevin,
@@ -94,7 +94,6 @@ __all__ = [
     "elbo_per_example",
     "evaluate",
     "log_likelihood",
-    "register_likelihood",
     "fit",
     "inspect_trace",
     "iwae_bits_per_dim",

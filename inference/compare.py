@@ -292,10 +292,10 @@ def _run_method(
     method.eval()
 
     n = budget.num_generated[ctx["kind"]]
-    if settings.sampler not in samplers_for(name):
+    if settings.sampler not in samplers_for(cls):
         raise _Stage(
             "sample",
-            ValueError(f"Expected a sampler in {samplers_for(name)}, but found {settings.sampler!r}."),
+            ValueError(f"Expected a sampler in {samplers_for(cls)}, but found {settings.sampler!r}."),
         )
     with NetworkCalls(method) as calls:
         start = time.perf_counter()

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from probgen.inference.sampling import register_sampler
 from probgen.models.consistency import (
     Consistency,
     consistency_distillation_loss,
@@ -68,13 +67,8 @@ def sample_consistency(
         return cm.sample(num, steps=steps, sigmas=sigmas)
 
 
-def _consistency_sampler(
-    method, num: int, *, steps: int | None, eta: float, generator, sigmas=None
+def consistency_sampler(
+    method, num: int, *, generator, steps: int | None = None, sigmas: Sequence[float] | None = None
 ) -> Tensor:
     """``--sampler consistency --steps K`` (``--option sigmas=[...]`` for other noise levels)."""
-    if eta != 0:
-        raise ValueError(f"Expected eta = 0 (DDIM's option) for the consistency sampler, but found {eta!r}.")
     return sample_consistency(method, num, steps=steps, sigmas=sigmas, generator=generator)
-
-
-register_sampler("consistency", "consistency", _consistency_sampler)

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from probgen.checkpoint import CheckpointError, has_checkpoint, load_checkpoint, write_json_atomic
 from probgen.inference.ancestral import _randomness
-from probgen.inference.sampling import register_sampler
 from probgen.inference.train import fit
 from probgen.models.base import load_method
 from probgen.models.ddpm import DDPM
@@ -122,14 +121,9 @@ def grid_ddim_sample(
     return x0_hat
 
 
-def _distilled_ddim(method, num: int, *, steps: int | None, eta: float, generator, final: str = "mode"):
-    if eta != 0:
-        raise ValueError(f"Expected eta = 0 (a distilled sampler is deterministic), but found {eta!r}.")
+def distilled_ddim(method, num: int, *, generator, steps: int | None = None, final: str = "mode") -> Tensor:
+    """``--sampler ddim`` (also ``ancestral``) of a distilled student: its K deterministic steps."""
     return grid_ddim_sample(method, num, steps=steps, final=final, generator=generator)
-
-
-register_sampler("distilled", "ddim", _distilled_ddim)
-register_sampler("distilled", "ancestral", _distilled_ddim)
 
 
 def load_teacher(run_dir: str | os.PathLike, tag: str | None = None) -> tuple[nn.Module, dict[str, Any]]:

@@ -2,8 +2,8 @@ r"""``evaluate``: every method reported on the same footing (the protocol of ``D
 
 On the held-out *test* split of a data set, :func:`evaluate` reports
 
-* the negative log-likelihood, from the estimator registered for the method
-  (:func:`register_likelihood`; the VAE's is the IWAE bound): nats per example,
+* the negative log-likelihood, from the estimator the method declares first
+  (:attr:`probgen.models.Method.likelihoods`; IWAE for a method with a guide): nats per example,
   plus bits/dim of the discrete data for level data (a density on dequantized
   data is turned into a bound on the discrete levels first), next to the
   entropy of a toy (the best NLL any model can reach);
@@ -18,14 +18,13 @@ import copy
 import functools
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from probgen.data import TOYS, Dataset, load_dataset, mixture_modes, toy_entropy
-from probgen.inference.likelihood import ddpm_nll, iwae_log_likelihood
+from probgen.inference.likelihood import resolve_likelihood
 from probgen.inference.sampling import draw_samples
 from probgen.metrics import (
     bits_per_dim,
@@ -37,57 +36,26 @@ from probgen.metrics import (
 )
 from probgen.objectives import seeded
 
-__all__ = ["evaluate", "log_likelihood", "register_likelihood", "to_levels"]
+__all__ = ["evaluate", "log_likelihood", "to_levels"]
 
-_ESTIMATORS: dict[str, Callable[..., tuple[Tensor, str]]] = {}
 _DENSITY_SCALE = {"dequantized": 1.0, "centered": 2.0}
 _MIXTURES = ("eight_gaussians", "grid25")
 _CACHEABLE = (*TOYS, "grid25")
-
-
-def register_likelihood(method_name: str, fn: Callable[..., tuple[Tensor, str]]) -> None:
-    """Register ``fn(method, x, *, num_samples, seed) -> (log_lik (B,), description)`` for a method.
-
-    The description says what the number is, e.g. ``"IWAE bound (lower bound on log p), K=1000"``.
-    Registering a name again replaces its estimator.
-    """
-    if not isinstance(method_name, str) or not method_name:
-        raise ValueError(f"Expected a non-empty method name, but found {method_name!r}.")
-    if not callable(fn):
-        raise ValueError(f"Expected a callable estimator, but found {type(fn).__name__}.")
-    _ESTIMATORS[method_name] = fn
-
-
-def _iwae(method: nn.Module, x: Tensor, *, num_samples: int = 1000, seed: int = 0) -> tuple[Tensor, str]:
-    ll = iwae_log_likelihood(method, x, num_samples=num_samples, seed=seed)
-    return ll, f"IWAE bound (lower bound on log p), K={num_samples}"
-
-
-def _ddpm_bound(method: nn.Module, x: Tensor, *, num_samples: int = 0, seed: int = 0) -> tuple[Tensor, str]:
-    nll = ddpm_nll(method, x, seed=seed)
-    return -nll, f"variational bound (L_T + sum of all {method.T} terms + L_0; upper bound on NLL)"
-
-
-def _flow_exact(method: nn.Module, x: Tensor, *, num_samples: int = 0, seed: int = 0) -> tuple[Tensor, str]:
-    with torch.no_grad():
-        return method.log_prob(x), "exact log-likelihood (change of variables)"
-
-
-register_likelihood("vae", _iwae)
-register_likelihood("ddpm", _ddpm_bound)
-register_likelihood("flow", _flow_exact)
 
 
 def _method_name(method: nn.Module) -> str:
     return getattr(method, "name", "") or type(method).__name__
 
 
-def log_likelihood(method: nn.Module, x: Tensor, **kwargs: Any) -> tuple[Tensor, str]:
+def log_likelihood(
+    method: nn.Module, x: Tensor, *, estimator: str | None = None, **kwargs: Any
+) -> tuple[Tensor, str]:
     """Per-example log-likelihood of ``x`` (``(B, D)``) under ``method``, in nats.
 
     Args:
-        method: a method whose name has an estimator (:func:`register_likelihood`).
+        method: a method; its class declares its estimators (:attr:`probgen.models.Method.likelihoods`).
         x: observations in the method's data form, ``(B, D)``.
+        estimator: a name the method declares (None: its first, the default).
         **kwargs: passed to the estimator (``num_samples``, ``seed``).
 
     Returns:
@@ -95,15 +63,11 @@ def log_likelihood(method: nn.Module, x: Tensor, **kwargs: Any) -> tuple[Tensor,
         description says) and the description.
 
     Raises:
-        NotImplementedError: no estimator is registered for the method.
+        NotImplementedError: the method declares no estimator.
+        ValueError: ``estimator`` is not one the method declares.
     """
-    name = _method_name(method)
-    if name not in _ESTIMATORS:
-        raise NotImplementedError(
-            f"no log-likelihood estimator is registered for method {name!r} "
-            f"(registered: {sorted(_ESTIMATORS)})"
-        )
-    return _ESTIMATORS[name](method, x, **kwargs)
+    fn = resolve_likelihood(method, estimator)
+    return fn(method, x, **kwargs)
 
 
 def to_levels(y: Tensor, form: str, num_levels: int) -> Tensor:
@@ -204,7 +168,7 @@ def evaluate(
     seed: int = 0,
     sampler: str = "ancestral",
     sampler_steps: int | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     sampler_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     r"""Evaluate ``method`` on the test split of ``dataset_name``: NLL and sample quality.
@@ -221,7 +185,7 @@ def evaluate(
             stream is untouched.
         sampler: the sampler of the generated samples (:func:`~probgen.inference.sampling.draw_samples`).
         sampler_steps: its number of steps (None: the sampler's default).
-        eta: stochasticity of DDIM-like samplers.
+        eta: stochasticity of DDIM-like samplers (None: not passed).
         sampler_options: further keyword arguments of the sampler.
 
     Returns:

@@ -27,7 +27,6 @@ import torchsde
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from probgen.inference.sampling import register_sampler
 from probgen.schedules import append_dims
 from probgen.sdes import LangevinSDE, ScoreFn, batch_times
 
@@ -277,13 +276,12 @@ def langevin_corrector(
     return x
 
 
-def _ncsn_annealed(
+def ncsn_annealed_langevin(
     method,
     num: int,
     *,
-    steps: int | None,
-    eta: float,
     generator,
+    steps: int | None = None,
     step_size: float | None = None,
     denoise: bool | None = None,
 ) -> Tensor:
@@ -302,6 +300,3 @@ def _ncsn_annealed(
         denoise=defaults.get("denoise", True) if denoise is None else denoise,
         generator=generator,
     )
-
-
-register_sampler("ncsn", "annealed-langevin", _ncsn_annealed)

@@ -20,18 +20,28 @@ programs with the step ``t`` conditioned on each value in turn.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pyro
 import torch
 from pyro import poutine
 from pyro.distributions.kl import kl_divergence
-from torch import nn
+from torch import Tensor, nn
 
 from probgen.elbo import sample_sites
 from probgen.metrics import bits_per_dim
 from probgen.objectives import seeded
 
-__all__ = ["ddpm_bits_per_dim", "ddpm_nll", "iwae_log_likelihood", "iwae_bits_per_dim", "max_plate_nesting"]
+__all__ = [
+    "ESTIMATORS",
+    "ddpm_bits_per_dim",
+    "ddpm_nll",
+    "iwae_bits_per_dim",
+    "iwae_log_likelihood",
+    "max_plate_nesting",
+    "resolve_likelihood",
+]
 
 
 def max_plate_nesting(method: nn.Module, x: torch.Tensor) -> int:
@@ -204,3 +214,69 @@ def ddpm_bits_per_dim(method: nn.Module, x: torch.Tensor, **kwargs) -> float:
     """Mean variational-bound NLL (:func:`ddpm_nll`) of ``x`` (``(B, D)``) in bits per dimension."""
     nll = ddpm_nll(method, x, **kwargs)
     return float(bits_per_dim(nll, x[0].numel()).mean())
+
+
+# ----------------------------------------------------------------------------- declared estimators
+
+
+def iwae_estimator(
+    method: nn.Module, x: Tensor, *, num_samples: int = 1000, seed: int = 0
+) -> tuple[Tensor, str]:
+    """The IWAE bound of any model/guide pair (the default of a method with a guide)."""
+    ll = iwae_log_likelihood(method, x, num_samples=num_samples, seed=seed)
+    return ll, f"IWAE bound (lower bound on log p), K={num_samples}"
+
+
+def ddpm_bound(method: nn.Module, x: Tensor, *, num_samples: int = 0, seed: int = 0) -> tuple[Tensor, str]:
+    """DDPM's whole variational bound (every one of its T terms)."""
+    nll = ddpm_nll(method, x, seed=seed)
+    return -nll, f"variational bound (L_T + sum of all {method.T} terms + L_0; upper bound on NLL)"
+
+
+def exact_log_prob(
+    method: nn.Module, x: Tensor, *, num_samples: int = 0, seed: int = 0
+) -> tuple[Tensor, str]:
+    """``method.log_prob(x)``: an exact density (a normalizing flow's change of variables)."""
+    with torch.no_grad():
+        return method.log_prob(x), "exact log-likelihood (change of variables)"
+
+
+def _ode(method: nn.Module, x: Tensor, **kwargs: Any) -> tuple[Tensor, str]:
+    from probgen.inference.score_sde_sampling import score_sde_likelihood
+
+    return score_sde_likelihood(method, x, **kwargs)
+
+
+#: every likelihood estimator of the library, by the name a method's ``likelihoods`` table uses; each
+#: is ``fn(method, x, *, num_samples, seed) -> (log_lik (B,), description)``.
+ESTIMATORS: Mapping[str, Callable[..., tuple[Tensor, str]]] = {
+    "iwae": iwae_estimator,
+    "ddpm-bound": ddpm_bound,
+    "exact": exact_log_prob,
+    "probability-flow-ode": _ode,
+}
+
+
+def resolve_likelihood(method: nn.Module, estimator: str | None = None) -> Callable[..., tuple[Tensor, str]]:
+    """The estimator ``estimator`` (None: the first) that ``method``'s class declares.
+
+    Raises:
+        NotImplementedError: the method declares none.
+        ValueError: ``estimator`` is not declared, or a declared name is unknown.
+    """
+    table = getattr(type(method), "likelihoods", None) or {}
+    name = getattr(method, "name", "") or type(method).__name__
+    if not table:
+        raise NotImplementedError(f"method {name!r} declares no log-likelihood estimator")
+    key = next(iter(table)) if estimator is None else estimator
+    if key not in table:
+        raise ValueError(f"Expected a likelihood estimator in {list(table)} for {name}, but found {key!r}.")
+    fn = table[key]
+    if callable(fn):
+        return fn
+    if fn not in ESTIMATORS:
+        raise ValueError(
+            f"Expected {type(method).__name__}.likelihoods[{key!r}] to name an estimator in "
+            f"{sorted(ESTIMATORS)} or to be a callable, but found {fn!r}."
+        )
+    return ESTIMATORS[fn]

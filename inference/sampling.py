@@ -1,37 +1,106 @@
-"""Named samplers per method, so the CLI and the evaluation pick them up without edits elsewhere.
+"""Samplers as a method declares them: ``draw_samples(method, num, sampler="ddim", steps=50)``.
 
-``draw_samples(method, num, sampler="ddim", steps=50)`` dispatches on the method's registry
-name. Every method has ``"ancestral"`` (its model run with nothing observed); others add
-their own (DDPM: ``"ddim"``).
+A method class names its samplers in its ``samplers`` table (:attr:`probgen.models.Method.samplers`):
+``{sampler name: algorithm}``, where an algorithm is a key of :data:`ALGORITHMS` (the samplers written
+here, each once) or a callable ``fn(method, num, *, generator, **knobs) -> (num, D)`` of the user's own.
+Nothing is registered at import time and nothing dispatches on a method's name. A sampler's knobs are
+its own keyword arguments: a knob it does not take is an error that lists the ones it takes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from probgen.inference.ancestral import ancestral_sample, ddim_sample
+from probgen.inference.consistency import consistency_sampler
+from probgen.inference.distill import distilled_ddim
+from probgen.inference.langevin import ncsn_annealed_langevin
+from probgen.inference.score_sde_sampling import score_sde_em, score_sde_ode, score_sde_pc
+from probgen.objectives import seeded
 
-__all__ = ["draw_samples", "register_sampler", "samplers_for"]
-
-_SAMPLERS: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
-
-
-def register_sampler(method_name: str, sampler_name: str, fn: Callable[..., torch.Tensor]) -> None:
-    """Register ``fn(method, num, *, steps, eta, generator, **options) -> (num, D)`` as ``sampler_name``.
-
-    ``options`` are the sampler's own keyword arguments (e.g. DDIM's ``spacing``); a sampler
-    rejects the ones it does not know with a ``TypeError`` or ``ValueError``.
-    """
-    _SAMPLERS[(method_name, sampler_name)] = fn
+__all__ = ["ALGORITHMS", "draw_samples", "resolve", "sampler_knobs", "samplers_for"]
 
 
-def samplers_for(method_name: str) -> list[str]:
-    """The sampler names available for a method (``"ancestral"`` always)."""
-    return sorted({"ancestral"} | {s for (m, s) in _SAMPLERS if m == method_name})
+def _device(method: nn.Module) -> torch.device:
+    tensor = next(iter(method.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def model_ancestral(method, num: int, *, generator) -> Tensor:
+    """The method's generative program run with nothing observed (:meth:`Method.sample`)."""
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    with seeded(seed, method._anchor if hasattr(method, "_anchor") else None):
+        return method.sample(num)
+
+
+def ddpm_ancestral(method, num: int, *, generator) -> Tensor:
+    """DDPM's T-step ancestral sampler (Ho et al. 2020, Algorithm 2)."""
+    return ancestral_sample(method, num, generator=generator)
+
+
+def ddpm_ddim(
+    method, num: int, *, generator, steps: int | None = None, eta: float = 0.0, spacing: str = "linear",
+    final: str = "mode",
+) -> Tensor:  # fmt: skip
+    """DDIM (Song, Meng & Ermon 2020, arXiv:2010.02502) on ``steps`` (default 50) of the T steps."""
+    return ddim_sample(
+        method, num, steps=steps or 50, eta=eta, spacing=spacing, final=final, generator=generator
+    )
+
+
+#: every sampling algorithm of the library, by the name a method's ``samplers`` table uses.
+ALGORITHMS: Mapping[str, Callable[..., Tensor]] = {
+    "ancestral": model_ancestral,
+    "ddpm-ancestral": ddpm_ancestral,
+    "ddim": ddpm_ddim,
+    "annealed-langevin": ncsn_annealed_langevin,
+    "reverse-sde": score_sde_em,
+    "predictor-corrector": score_sde_pc,
+    "probability-flow-ode": score_sde_ode,
+    "consistency": consistency_sampler,
+    "distilled-ddim": distilled_ddim,
+}
+
+
+def _table(method: nn.Module) -> Mapping[str, Any]:
+    return getattr(type(method), "samplers", None) or {"ancestral": "ancestral"}
+
+
+def samplers_for(method: nn.Module | type) -> list[str]:
+    """The sampler names a method (or method class) declares, ``"ancestral"`` first where it has one."""
+    table = getattr(method if isinstance(method, type) else type(method), "samplers", None) or {
+        "ancestral": 0
+    }
+    return sorted(table, key=lambda name: (name != "ancestral", name))
+
+
+def resolve(method: nn.Module, sampler: str) -> Callable[..., Tensor]:
+    """The function behind ``sampler`` for ``method`` (a ``ValueError`` listing the declared ones)."""
+    table = _table(method)
+    if sampler not in table:
+        name = getattr(method, "name", "") or type(method).__name__
+        raise ValueError(f"Expected a sampler in {samplers_for(method)} for {name}, but found {sampler!r}.")
+    algorithm = table[sampler]
+    if callable(algorithm):
+        return algorithm
+    if algorithm not in ALGORITHMS:
+        raise ValueError(
+            f"Expected {type(method).__name__}.samplers[{sampler!r}] to name an algorithm in "
+            f"{sorted(ALGORITHMS)} or to be a callable, but found {algorithm!r}."
+        )
+    return ALGORITHMS[algorithm]
+
+
+def sampler_knobs(fn: Callable[..., Tensor]) -> tuple[list[str], bool]:
+    """The knobs a sampler takes (its keyword-only arguments but ``generator``), and whether it takes more."""
+    params = inspect.signature(fn).parameters.values()
+    knobs = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "generator"]
+    return knobs, any(p.kind is p.VAR_KEYWORD for p in params)
 
 
 def draw_samples(
@@ -40,73 +109,36 @@ def draw_samples(
     *,
     sampler: str = "ancestral",
     steps: int | None = None,
-    eta: float = 0.0,
+    eta: float | None = None,
     seed: int | None = 0,
     options: dict[str, Any] | None = None,
-) -> torch.Tensor:
-    """Draw ``num`` samples, ``(num, D)``, from ``method`` with the named sampler.
+) -> Tensor:
+    """Draw ``num`` samples, ``(num, D)``, from ``method`` with the sampler it declares as ``sampler``.
 
     Args:
-        method: a registered method.
+        method: a method.
         num: number of samples.
         sampler: a name from :func:`samplers_for`.
-        steps: number of steps, for samplers that take one.
-        eta: stochasticity of DDIM-like samplers.
-        seed: seeds a private generator (None: the global RNG).
-        options: further keyword arguments of the sampler (e.g. ``{"spacing": "quadratic"}``
-            for DDIM).
+        steps: the sampler's ``steps`` knob (None: not passed, the sampler's default).
+        eta: the ``eta`` knob of DDIM-like samplers (None: not passed).
+        seed: seeds a private generator (None: a fresh one from the global RNG).
+        options: further knobs of the sampler (e.g. ``{"spacing": "quadratic"}`` for DDIM).
+
+    Raises:
+        ValueError: a sampler the method does not declare, or a knob the sampler does not take (the
+            message lists the ones it takes).
     """
-    name = getattr(method, "name", "") or type(method).__name__
-    fn = _SAMPLERS.get((name, sampler))
-    if fn is None and sampler != "ancestral":
-        raise ValueError(f"Expected a sampler in {samplers_for(name)} for {name}, but found {sampler!r}.")
-    generator = None if seed is None else torch.Generator(device=_device(method)).manual_seed(seed)
-    options = dict(options or {})
-    if fn is None:
-        if options:
-            raise ValueError(f"Expected no options for the ancestral sampler of {name}, but found {options}.")
-        with torch.random.fork_rng(devices=_cuda(method)):
-            if seed is not None:
-                torch.manual_seed(seed)
-            return method.sample(num)
-    try:
-        return fn(method, num, steps=steps, eta=eta, generator=generator, **options)
-    except TypeError as exc:
-        if options and "unexpected keyword argument" in str(exc):
-            raise ValueError(
-                f"Expected options of the {sampler!r} sampler, but found {options}: {exc}"
-            ) from exc
-        raise
-
-
-def _device(method: nn.Module) -> torch.device:
-    tensor = next(iter(method.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _cuda(method: nn.Module) -> list[int]:
+    fn = resolve(method, sampler)
+    knobs = dict(options or {})
+    for key, value in (("steps", steps), ("eta", eta)):
+        if value is not None:
+            knobs[key] = value
+    accepted, more = sampler_knobs(fn)
+    unknown = sorted(k for k in knobs if k not in accepted)
+    if unknown and not more:
+        takes = ", ".join(accepted) if accepted else "no knobs"
+        raise ValueError(f"Expected knobs of the {sampler!r} sampler ({takes}), but found {unknown}.")
     device = _device(method)
-    return [device.index or 0] if device.type == "cuda" else []
-
-
-def _ddpm_ancestral(method, num: int, *, steps: Any, eta: float, generator) -> torch.Tensor:
-    return ancestral_sample(method, num, generator=generator)
-
-
-def _ddpm_ddim(
-    method,
-    num: int,
-    *,
-    steps: int | None,
-    eta: float,
-    generator,
-    spacing: str = "linear",
-    final: str = "mode",
-) -> torch.Tensor:
-    return ddim_sample(
-        method, num, steps=steps or 50, eta=eta, spacing=spacing, final=final, generator=generator
-    )
-
-
-register_sampler("ddpm", "ancestral", _ddpm_ancestral)
-register_sampler("ddpm", "ddim", _ddpm_ddim)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,))))
+    return fn(method, num, generator=generator, **knobs)

@@ -30,9 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from probgen.inference.evaluate import register_likelihood
 from probgen.inference.ode import ADAPTIVE_METHODS, ode_log_likelihood, ode_sample
-from probgen.inference.sampling import register_sampler
 from probgen.inference.sde import pc_sample, reverse_sde_sample
 from probgen.sdes import DiffusionSDE, ScoreFn
 
@@ -114,9 +112,20 @@ def sample_score_sde(
     )
 
 
+#: the knobs of each sampler besides ``steps`` (see :func:`sample_score_sde`).
+KNOBS = {
+    "em": ("solver", "eps", "denoise"),
+    "pc": ("predictor", "corrector_steps", "snr", "per_example", "eps", "denoise"),
+    "ode": ("solver", "rtol", "atol", "eps", "denoise"),
+}
+
+
 def _reject(options: dict[str, Any], sampler: str) -> None:
     if options:
-        raise ValueError(f"Expected options of the {sampler!r} sampler, but found unknown {sorted(options)}.")
+        raise ValueError(
+            f"Expected knobs of the {sampler!r} sampler (steps, {', '.join(KNOBS[sampler])}), "
+            f"but found unknown {sorted(options)}."
+        )
 
 
 @torch.no_grad()
@@ -186,29 +195,23 @@ def _dtype(method: nn.Module) -> torch.dtype:
 
 
 def _sampler(name: str):
-    def fn(method, num: int, *, steps: int | None, eta: float, generator, **options: Any) -> Tensor:
-        if eta != 0:
-            raise ValueError(
-                f"Expected eta = 0 (DDIM's option) for the score-sde samplers, but found {eta!r}."
-            )
+    def fn(method, num: int, *, generator, steps: int | None = None, **knobs: Any) -> Tensor:
         return sample_score_sde(
             method.sde_object, method.score, num, method.data_dim, sampler=name, steps=steps,
-            generator=generator, device=_device(method), dtype=_dtype(method), **options,
+            generator=generator, device=_device(method), dtype=_dtype(method), **knobs,
         )  # fmt: skip
 
-    fn.__name__ = f"_score_sde_{name}"
-    fn.__doc__ = f"``--sampler {name}`` for score-sde runs (see the module docstring)."
+    fn.__name__ = f"score_sde_{name}"
+    fn.__doc__ = f"``--sampler {name}`` of a score model: :func:`sample_score_sde` with ``sampler={name!r}``."
     return fn
 
 
-def _likelihood(
+score_sde_em, score_sde_pc, score_sde_ode = (_sampler(name) for name in SAMPLERS)
+
+
+def score_sde_likelihood(
     method, x: Tensor, *, num_samples: int = 1, seed: int = 0, **options: Any
 ) -> tuple[Tensor, str]:
     """``probgen evaluate``'s estimator: the ODE log-likelihood (``num_samples`` is not used)."""
     ll, _, desc = ode_likelihood(method.sde_object, method.score, x.to(_dtype(method)), seed=seed, **options)
     return ll, desc
-
-
-for _name in SAMPLERS:
-    register_sampler("score-sde", _name, _sampler(_name))
-register_likelihood("score-sde", _likelihood)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -61,6 +61,14 @@ class Method(PyroModule):
 
     name: ClassVar[str] = ""
     observed_site: ClassVar[str] = "x"
+    #: the samplers of ``probgen sample --sampler NAME``: ``{name: algorithm}``, an algorithm being a key of
+    #: ``probgen.inference.sampling.ALGORITHMS`` or a callable ``fn(method, num, *, generator, **knobs)``.
+    samplers: ClassVar[Mapping[str, str | Callable[..., Any]]] = {"ancestral": "ancestral"}
+    #: the log-likelihood estimators of ``probgen evaluate``, the default first: ``{name: estimator}``, a
+    #: key of ``probgen.inference.likelihood.ESTIMATORS`` or a callable
+    #: ``fn(method, x, *, num_samples, seed) -> (log_lik (B,), description)``. A method with a guide gets
+    #: the IWAE bound; a method without a density declares ``{}``.
+    likelihoods: ClassVar[Mapping[str, str | Callable[..., Any]]] = {"iwae": "iwae"}
     #: whether :meth:`check_data` also rejects NaN and infinite values (the continuous-data methods).
     finite_data: ClassVar[bool] = False
     config: dict[str, Any]

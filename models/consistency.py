@@ -202,6 +202,9 @@ class Consistency(Method):
         >>> cm.sample(64, steps=2)                                    # (64, 2)
     """
 
+    samplers = {"ancestral": "ancestral", "consistency": "consistency"}
+    likelihoods = {}
+
     observed_site = "x"
     finite_data = True
 

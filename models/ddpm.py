@@ -128,6 +128,9 @@ class DDPM(Method):
         >>> samples = ddpm.sample(16)                                            # (16, 64) levels
     """
 
+    samplers = {"ancestral": "ddpm-ancestral", "ddim": "ddim"}
+    likelihoods = {"bound": "ddpm-bound"}
+
     def __init__(
         self,
         data_dim: int,

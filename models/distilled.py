@@ -163,6 +163,9 @@ class Distilled(Method):
         weighting: ``"truncated_snr"`` (:math:`\max(\mathrm{SNR}, 1)`) or ``"snr_plus_one"``.
     """
 
+    samplers = {"ancestral": "distilled-ddim", "ddim": "distilled-ddim"}
+    likelihoods = {}
+
     def __init__(
         self,
         ddpm: dict[str, Any],

@@ -169,6 +169,8 @@ class Flow(Method):
         >>> samples = flow.sample(16)                                          # (16, 2)
     """
 
+    likelihoods = {"exact": "exact"}
+
     finite_data = True
 
     def __init__(

@@ -109,6 +109,8 @@ class GAN(Method):
         >>> trace.log_prob_sum() / 16      # the generator's objective on this batch (nats)
     """
 
+    likelihoods = {}
+
     def __init__(
         self,
         data_dim: int,

@@ -172,6 +172,9 @@ class NCSN(Method):
         >>> s = ncsn.score(x, ncsn.sigmas[-1].expand(len(x)))                  # (B, 2)
     """
 
+    samplers = {"ancestral": "ancestral", "annealed-langevin": "annealed-langevin"}
+    likelihoods = {}
+
     finite_data = True
 
     def __init__(

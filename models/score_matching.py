@@ -236,6 +236,8 @@ class ScoreMatching(Method):
         >>> s = sm.score(x)                                              # (B, 2)
     """
 
+    likelihoods = {}
+
     finite_data = True
 
     def __init__(

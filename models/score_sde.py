@@ -297,6 +297,14 @@ class ScoreSDE(Method):
         >>> s = m.score(x, torch.full((len(x),), 0.5))                # (B, 2)
     """
 
+    samplers = {
+        "ancestral": "ancestral",
+        "em": "reverse-sde",
+        "pc": "predictor-corrector",
+        "ode": "probability-flow-ode",
+    }
+    likelihoods = {"ode": "probability-flow-ode"}
+
     finite_data = True
 
     def __init__(

@@ -392,7 +392,12 @@ def _add_sampler_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="number of sampler steps, for samplers that take one (ddim: default 50)",
     )
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity in [0, 1] (default 0)")
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="DDIM stochasticity in [0, 1] (default 0; DDIM-like samplers only)",
+    )
     p.add_argument(
         "--option",
         type=_setting,
@@ -776,7 +781,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in available():
         doc = (method_class(name).__doc__ or "").strip().splitlines()
         summary = re.sub(r":math:`([^`]*)`", r"\1", doc[0]) if doc else ""  # plain text, not reST
-        print(f"  {name:16s} {summary} (samplers: {', '.join(samplers_for(name))})")
+        print(f"  {name:16s} {summary} (samplers: {', '.join(samplers_for(method_class(name)))})")
     print("data sets (--data):")
     print(f"  {'digits':16s} sklearn's 8x8 digits, 17 grey levels; split 1350 train / 150 val / 297 test")
     for name in (*TOYS, "grid25"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from probgen.data import load_dataset, toy_entropy
-from probgen.inference.evaluate import evaluate, log_likelihood, register_likelihood, to_levels
+from probgen.inference.evaluate import evaluate, log_likelihood, to_levels
 from probgen.models import VAE
 from tests.common import assert_close
 
@@ -93,8 +93,12 @@ def test_to_levels_inverts_each_data_form(form):
 
 
 def test_method_without_estimator_reports_none_with_reason():
+    class NoDensity(type(_vae("eight_gaussians"))):
+        name = "no_estimator"
+        likelihoods = {}
+
     method = _vae("eight_gaussians")
-    method.name = "no_estimator"
+    method.__class__ = NoDensity
     with pytest.raises(NotImplementedError, match="no_estimator"):
         log_likelihood(method, torch.zeros(2, 2))
     report = evaluate(method, "eight_gaussians", form="int", num_samples=2, num_generated=100)
@@ -102,15 +106,21 @@ def test_method_without_estimator_reports_none_with_reason():
     assert _finite(report["samples"]["sliced_wasserstein"]["value"])
 
 
-def test_registered_estimator_is_used(monkeypatch):
-    monkeypatch.setattr(evaluate_module, "_ESTIMATORS", dict(evaluate_module._ESTIMATORS))
+def test_the_estimator_a_class_declares_is_used_and_a_guide_gets_iwae():
+    base = type(_vae("eight_gaussians"))
+    assert list(base.likelihoods) == ["iwae"]  # a method with a guide: IWAE by default
+
+    class ExactToy(base):
+        likelihoods = {"exact": lambda m, x, **kw: (torch.full((x.shape[0],), -3.0), "exact"), "iwae": "iwae"}
+
     method = _vae("eight_gaussians")
-    method.name = "exact_toy"
-    register_likelihood("exact_toy", lambda m, x, **kw: (torch.full((x.shape[0],), -3.0), "exact"))
+    method.__class__ = ExactToy
     report = evaluate(method, "eight_gaussians", form="int", num_samples=2, num_generated=100)
     assert report["nll"]["nats"] == 3.0 and report["nll"]["kind"] == "exact"
-    with pytest.raises(ValueError):
-        register_likelihood("", lambda m, x: None)
+    ll, kind = log_likelihood(method, torch.zeros(3, 2), estimator="iwae", num_samples=2)
+    assert ll.shape == (3,) and kind.startswith("IWAE")
+    with pytest.raises(ValueError, match=r"Expected a likelihood estimator in \['exact', 'iwae'\]"):
+        log_likelihood(method, torch.zeros(3, 2), estimator="nope")
 
 
 @pytest.mark.parametrize("kwargs", [{"num_samples": 0}, {"num_generated": 0}])

@@ -290,6 +290,7 @@ class FakeNCSN(nn.Module):
 
     name = "ncsn"
     event_dim = 1
+    samplers = {"annealed-langevin": "annealed-langevin"}  # declared by the class, as NCSN does
 
     def __init__(self) -> None:
         super().__init__()
@@ -305,9 +306,11 @@ class FakeNCSN(nn.Module):
 
 
 @pytest.mark.parametrize("steps, expected_steps", [(None, 5), (20, 20)])
-def test_annealed_langevin_is_registered_for_ncsn(steps, expected_steps):
+def test_annealed_langevin_is_declared_by_ncsn(steps, expected_steps):
+    from probgen.models import NCSN
+
     method = FakeNCSN()
-    assert "annealed-langevin" in samplers_for("ncsn")
+    assert "annealed-langevin" in samplers_for(NCSN) and samplers_for(method) == ["annealed-langevin"]
     x = draw_samples(method, 500, sampler="annealed-langevin", steps=steps, seed=0)
     assert x.shape == (500, 1) and bool(torch.isfinite(x).all())
     gen = torch.Generator().manual_seed(0)
@@ -337,7 +340,9 @@ def test_the_ncsn_sampler_takes_step_size_and_denoise_options():
         generator=gen,
     )
     torch.testing.assert_close(x, expected, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="Expected options"):
+    with pytest.raises(
+        ValueError, match=r"Expected knobs of the .annealed-langevin. sampler \(steps, step_size, denoise\)"
+    ):
         draw_samples(method, 50, sampler="annealed-langevin", options={"snr": 0.1})
 
 

@@ -48,8 +48,8 @@ def exact_method(**kwargs):
     return method
 
 
-def test_samplers_are_registered_and_reproducible():
-    assert set(samplers_for("score-sde")) == {"ancestral", "em", "pc", "ode"}
+def test_samplers_are_declared_and_reproducible():
+    assert set(samplers_for(ScoreSDE)) == {"ancestral", "em", "pc", "ode"}
     torch.manual_seed(0)
     method = ScoreSDE(2, hidden=(8,), embed_dim=4, sample_steps=3)
     torch.nn.init.normal_(method.net.out.weight)  # a zero score would make the corrector's step infinite
@@ -60,12 +60,15 @@ def test_samplers_are_registered_and_reproducible():
         b = draw_samples(method, 6, sampler=name, steps=steps, seed=1, options=options)
         assert a.shape == (6, 2) and torch.equal(a, b) and bool(torch.isfinite(a).all()), name
     with pytest.raises(
-        ValueError, match=r"Expected options of the 'em' sampler, but found unknown \['snr'\]"
+        ValueError,
+        match=r"Expected knobs of the 'em' sampler \(steps, solver, eps, denoise\), but found unknown \['snr'",
     ):
         draw_samples(method, 2, sampler="em", options={"snr": 0.1})
     with pytest.raises(ValueError, match=r"Expected no steps for the adaptive ODE solver"):
         draw_samples(method, 2, sampler="ode", steps=10)
-    with pytest.raises(ValueError, match=r"Expected eta = 0"):
+    with pytest.raises(
+        ValueError, match=r"Expected knobs of the 'pc' sampler \(steps, predictor, .*\['eta'\]"
+    ):
         draw_samples(method, 2, sampler="pc", eta=0.5)
     with pytest.raises(ValueError, match=r"Expected sampler in"):
         sample_score_sde(method.sde_object, method.score, 2, 2, sampler="ddim")
