@@ -32,7 +32,9 @@ __all__ = [
     "build",
     "check_config_sizes",
     "check_parameter_count",
+    "import_methods",
     "load_method",
+    "load_plugins",
     "method_class",
     "register",
 ]
@@ -155,13 +157,65 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
     return decorator
 
 
+ENTRY_POINT_GROUP = "probgen.methods"
+_PLUGINS_LOADED = False
+
+
+def load_plugins() -> list[str]:
+    """Import the methods that installed packages declare in the entry-point group ``probgen.methods``.
+
+    An entry point names a method class (``tvae = "my_package.tvae:TVAE"``) or a module whose import
+    registers its methods with :func:`register`; a class that is not registered yet is registered under
+    its ``name`` (else the entry point's name). Runs once per process.
+
+    Returns:
+        The names of the entry points loaded.
+    """
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return []
+    _PLUGINS_LOADED = True
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        obj = ep.load()
+        if isinstance(obj, type) and issubclass(obj, Method) and obj not in _REGISTRY.values():
+            register(obj.__dict__.get("name") or ep.name)(obj)
+        loaded.append(ep.name)
+    return loaded
+
+
+def import_methods(modules: list[str] | tuple[str, ...]) -> None:
+    """Import the user's modules (``--import MODULE``) so that the methods they register are found.
+
+    Raises:
+        ValueError: a module that cannot be imported (the message says why).
+    """
+    import importlib
+    import sys
+
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules beside the working directory
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ValueError(
+                f"Expected an importable module for --import, but found {module!r}: {exc}"
+            ) from exc
+
+
 def available() -> list[str]:
-    """Names of every registered method."""
+    """Names of every registered method (with those of installed ``probgen.methods`` entry points)."""
+    load_plugins()
     return sorted(_REGISTRY)
 
 
 def method_class(name: str) -> type[Method]:
     """The class registered under ``name``."""
+    if name not in _REGISTRY:
+        load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -229,6 +283,22 @@ def build(name: str, **config: Any) -> Method:
     return cls(**config)
 
 
+def _imported_class(path: Any) -> type[Method] | None:
+    """The already imported :class:`Method` subclass named ``"module:qualname"`` (nothing is imported)."""
+    if not isinstance(path, str) or ":" not in path:
+        return None
+    stack, seen = list(Method.__subclasses__()), set()
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if f"{cls.__module__}:{cls.__qualname__}" == path:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return None
+
+
 def load_method(
     run_dir: str | os.PathLike,
     tag: str | None = None,
@@ -282,13 +352,21 @@ def load_method(
         )
     if expected is not None and name != expected:
         raise CheckpointError(f"Expected a checkpoint of method {expected!r}, but found {name!r} in {where}")
-    if name not in _REGISTRY:
+    cls = _REGISTRY.get(name) or _imported_class(metadata.get("method_class"))
+    if cls is None:
+        load_plugins()
+        cls = _REGISTRY.get(name)
+    if cls is None:
+        where_from = metadata.get("method_class")
+        hint = f" (class {where_from})" if isinstance(where_from, str) else ""
         raise CheckpointError(
-            f"Expected the method of {where} in {available()}, but found {name!r} "
-            "(not registered: is the module that defines it imported?)"
+            f"Expected the method of {where} in {available()}, but found {name!r}{hint}: import the module "
+            "that defines it first (probgen --import MODULE ..., or a 'probgen.methods' entry point)"
         )
     try:
-        method = build(name, **config)
+        check_config_sizes(config)
+        check_parameter_count(lambda: cls(**config))
+        method = cls(**config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot rebuild {name!r} from the config of {where}: {exc}") from exc
     # A run trained with an EMA keeps the averaged weights as ema.* beside the raw model.*

@@ -140,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Run 'probgen COMMAND --help' for the options of a command.",
         formatter_class=fmt,
     )
+    parser.add_argument(
+        "--import",
+        dest="imports",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE first, so that the methods it registers (probgen.models.register) are "
+        "found; repeatable. Installed packages can declare methods in the entry-point group "
+        "'probgen.methods' instead",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -482,7 +492,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from probgen.plotting import save_loss_curves
 
     if args.method not in available():
-        raise UsageError(f"unknown method {args.method!r}; available: {', '.join(available())}")
+        raise UsageError(
+            f"unknown method {args.method!r}; available: {', '.join(available())} "
+            "(a method of your own module: probgen --import MODULE train ...)"
+        )
     device = _device(args.device)
     run_dir = Path(args.out)
     overrides = dict(args.set)
@@ -800,6 +813,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.imports:
+            from probgen.models.base import import_methods
+
+            import_methods(args.imports)
         return args.func(args)
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
