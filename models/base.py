@@ -353,6 +353,8 @@ def load_method(
     if expected is not None and name != expected:
         raise CheckpointError(f"Expected a checkpoint of method {expected!r}, but found {name!r} in {where}")
     cls = _REGISTRY.get(name) or _imported_class(metadata.get("method_class"))
+    if cls is not None and cls.__dict__.get("name") not in (None, "", name):
+        cls = None  # the record's class is another method's: the record names a method it is not
     if cls is None:
         load_plugins()
         cls = _REGISTRY.get(name)
