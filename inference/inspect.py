@@ -133,7 +133,9 @@ def _describe(fn) -> str:
 def inspect_trace(method: nn.Module, x: torch.Tensor, *, seed: int = 0) -> TraceReport:
     """Trace ``method``'s guide and model on the batch ``x`` (``(B, D)``) and tabulate the sites.
 
-    The global RNG is forked and seeded with ``seed``; nothing outside changes.
+    The global RNG is forked and seeded with ``seed``; nothing outside changes. A method without a
+    guide (a GAN, a consistency model) has no ELBO to split: its generative program is traced instead,
+    run for ``B`` samples with nothing observed (program ``"model (generative)"``).
 
     Returns:
         A :class:`TraceReport`; ``print(report)`` shows the table.
@@ -141,10 +143,20 @@ def inspect_trace(method: nn.Module, x: torch.Tensor, *, seed: int = 0) -> Trace
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"Expected a batch x of shape (B, D), but found {getattr(x, 'shape', x)}.")
     batch = x.shape[0]
-    with seeded(seed, x):
-        guide_trace = poutine.trace(method.guide).get_trace(x)
-        model_trace = poutine.trace(poutine.replay(method.model, trace=guide_trace)).get_trace(x)
     report = TraceReport(method=getattr(method, "name", "") or type(method).__name__, batch_size=batch)
+    with seeded(seed, x):
+        try:
+            guide_trace = poutine.trace(method.guide).get_trace(x)
+        except NotImplementedError:  # no guide: the generative program is what there is to trace
+            trace = poutine.trace(method.model).get_trace(None, batch_size=batch)
+            for name, site in sample_sites(trace):
+                fn, value = site["fn"], site["value"]
+                lp = float(scale_and_mask(fn.log_prob(value), site["scale"], site["mask"]).sum())
+                report.rows.append(SiteRow("model (generative)", name, "latent", _describe(fn),
+                                           tuple(fn.batch_shape), tuple(fn.event_shape),
+                                           tuple(torch.as_tensor(value).shape), lp))  # fmt: skip
+            return report
+        model_trace = poutine.trace(poutine.replay(method.model, trace=guide_trace)).get_trace(x)
     sums = {"obs": 0.0, "prior": 0.0, "guide": 0.0}
     kl_total, kl_exact = 0.0, True
     for program, trace in (("model", model_trace), ("guide", guide_trace)):

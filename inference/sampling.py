@@ -47,10 +47,9 @@ def ddpm_ddim(
     method, num: int, *, generator, steps: int | None = None, eta: float = 0.0, spacing: str = "linear",
     final: str = "mode",
 ) -> Tensor:  # fmt: skip
-    """DDIM (Song, Meng & Ermon 2020, arXiv:2010.02502) on ``steps`` (default 50) of the T steps."""
-    return ddim_sample(
-        method, num, steps=steps or 50, eta=eta, spacing=spacing, final=final, generator=generator
-    )
+    """DDIM (Song, Meng & Ermon 2020, arXiv:2010.02502) on ``steps`` (default 50, at most T) of the T steps."""
+    steps = steps or min(50, method.T)
+    return ddim_sample(method, num, steps=steps, eta=eta, spacing=spacing, final=final, generator=generator)
 
 
 #: every sampling algorithm of the library, by the name a method's ``samplers`` table uses.
