@@ -47,7 +47,7 @@ def ddpm_ddim(
     method, num: int, *, generator, steps: int | None = None, eta: float = 0.0, spacing: str = "linear",
     final: str = "mode",
 ) -> Tensor:  # fmt: skip
-    """DDIM (Song, Meng & Ermon 2020, arXiv:2010.02502) on ``steps`` (default 50, at most T) of the T steps."""
+    """DDIM (Song, Meng & Ermon 2020, arXiv:2010.02502) on ``steps`` (default min(50, T)) of the T steps."""
     steps = steps or min(50, method.T)
     return ddim_sample(method, num, steps=steps, eta=eta, spacing=spacing, final=final, generator=generator)
 
