@@ -1,7 +1,7 @@
 """Every registered method on several data sets with one stated budget: ``probgen compare`` in a loop.
 
 For each data set (default ``eight_gaussians``, ``checkerboard`` and ``digits``) this runs
-:func:`probgen.inference.compare.compare` and writes ``OUT/DATA/compare.md``, ``compare.json``
+:func:`probgen.apps.compare.compare` and writes ``OUT/DATA/compare.md``, ``compare.json``
 and ``compare.png``; ``OUT/compare.md`` concatenates the tables with the command that made them.
 
     python benchmarks/compare.py --out out/compare                 # default budget, ~15 min on 2 cores
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from probgen.apps.compare import BUDGETS, compare
 from probgen.checkpoint import atomic_write_bytes
-from probgen.inference.compare import BUDGETS, compare
 
 DATA = ("eight_gaussians", "checkerboard", "digits")
 

@@ -36,10 +36,10 @@ from pathlib import Path
 import torch
 from ddpm_steps import sweep  # benchmarks/ddpm_steps.py (scripts run with benchmarks/ on sys.path)
 
+from probgen.apps.evaluate import to_levels
 from probgen.checkpoint import read_json, write_json_atomic
 from probgen.data import TOYS, load_dataset
 from probgen.inference.distill import grid_ddim_sample
-from probgen.inference.evaluate import to_levels
 from probgen.inference.ode import ode_sample
 from probgen.inference.sampling import draw_samples
 from probgen.metrics import digits_frechet_distance, sliced_wasserstein

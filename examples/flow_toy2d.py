@@ -38,10 +38,10 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from probgen.apps.evaluate import to_levels
 from probgen.checkpoint import write_json_atomic
 from probgen.data import DIGITS_LEVELS, DIGITS_SHAPE, TOYS, load_dataset, toy_entropy
 from probgen.inference import fit
-from probgen.inference.evaluate import to_levels
 from probgen.metrics import (
     bits_per_dim,
     discrete_nll_from_density,

@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
+from probgen.apps.evaluate import to_levels
 from probgen.checkpoint import write_json_atomic
 from probgen.data import DIGITS_LEVELS, DIGITS_SHAPE, load_dataset
 from probgen.inference import fit
 from probgen.inference.conditioning import inpaint
-from probgen.inference.evaluate import to_levels
 from probgen.inference.score_sde_sampling import ode_likelihood, sample_score_sde
 from probgen.metrics import (
     bits_per_dim,

@@ -16,15 +16,19 @@ from probgen.inference.distill import (
     load_teacher,
     progressive_distill,
 )
-from probgen.inference.evaluate import evaluate, log_likelihood
-from probgen.inference.inspect import TraceReport, inspect_trace
 from probgen.inference.langevin import (
     annealed_langevin,
     check_sigmas,
     langevin_corrector,
     langevin_sde_sample,
 )
-from probgen.inference.likelihood import ddpm_bits_per_dim, ddpm_nll, iwae_bits_per_dim, iwae_log_likelihood
+from probgen.inference.likelihood import (
+    ddpm_bits_per_dim,
+    ddpm_nll,
+    iwae_bits_per_dim,
+    iwae_log_likelihood,
+    log_likelihood,
+)
 from probgen.inference.mcmc import MALA, SGLD, ULA, KineticLangevin, LangevinKernel
 from probgen.inference.ode import LogDensityODE, ode_bits_per_dim, ode_encode, ode_log_likelihood, ode_sample
 from probgen.inference.score_sde_sampling import ode_likelihood, sample_score_sde
@@ -35,6 +39,7 @@ from probgen.inference.sde import (
     reverse_sde_sample,
     tweedie_denoise,
 )
+from probgen.inference.traces import TraceReport, inspect_trace
 from probgen.inference.train import FitResult, TrainingError, fit, run_record
 from probgen.models.gan import discriminator_loss, generated_batch, generator_loss
 from probgen.objectives import ELBOObjective, Objective, Player, elbo_per_example
@@ -92,7 +97,6 @@ __all__ = [
     "ddpm_bits_per_dim",
     "ddpm_nll",
     "elbo_per_example",
-    "evaluate",
     "log_likelihood",
     "fit",
     "inspect_trace",

@@ -17,7 +17,6 @@ it stopped.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,6 @@ from probgen.models.distilled import Distilled, ddim_on_grid, step_grid
 
 __all__ = [
     "DistillResult",
-    "cli_distill",
     "grid_ddim_sample",
     "halving_schedule",
     "load_teacher",
@@ -291,38 +289,3 @@ def progressive_distill(
 
 def _device(method: nn.Module) -> torch.device:
     return next(iter(method.parameters())).device
-
-
-def cli_distill(args: argparse.Namespace) -> int:
-    """Handler of ``probgen distill TEACHER_RUN --out DIR --to-steps K ...`` (see the module docstring)."""
-    from probgen.data import load_dataset
-
-    teacher, meta = load_teacher(args.teacher_run, args.tag)
-    data_name = args.data or meta.get("data")
-    if not data_name:
-        raise ValueError(f"Expected --data (the teacher's metadata names none in {args.teacher_run}).")
-    form = meta.get("form", "int")
-    train = load_dataset(data_name, "train", form=form)
-    keep = {k: meta[k] for k in ("data", "form", "event_shape", "num_levels") if k in meta}
-    keep.update(data=data_name, teacher_run=str(args.teacher_run))
-    result = progressive_distill(
-        teacher,
-        train.x,
-        start_steps=args.start_steps,
-        to_steps=args.to_steps,
-        steps_per_stage=args.steps_per_stage,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        parameterization=args.parameterization,
-        ema_decay=args.ema_decay,
-        seed=args.seed,
-        out=args.out,
-        metadata=keep,
-        progress=not args.no_progress,
-        device=args.device,
-    )
-    for k in result.students:
-        print(f"stage {k:>4} steps: {result.seconds[k]:.0f} s -> {result.stage_dirs[k]}")
-    last = result.students[-1]
-    print(f"next: probgen sample {result.stage_dirs[last]} --num 64 --out {args.out}/samples-{last}.png")
-    return 0

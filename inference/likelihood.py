@@ -39,6 +39,7 @@ __all__ = [
     "ddpm_nll",
     "iwae_bits_per_dim",
     "iwae_log_likelihood",
+    "log_likelihood",
     "max_plate_nesting",
     "resolve_likelihood",
 ]
@@ -280,3 +281,26 @@ def resolve_likelihood(method: nn.Module, estimator: str | None = None) -> Calla
             f"{sorted(ESTIMATORS)} or to be a callable, but found {fn!r}."
         )
     return ESTIMATORS[fn]
+
+
+def log_likelihood(
+    method: nn.Module, x: Tensor, *, estimator: str | None = None, **kwargs: Any
+) -> tuple[Tensor, str]:
+    """Per-example log-likelihood of ``x`` (``(B, D)``) under ``method``, in nats.
+
+    Args:
+        method: a method; its class declares its estimators (:attr:`probgen.models.Method.likelihoods`).
+        x: observations in the method's data form, ``(B, D)``.
+        estimator: a name the method declares (None: its first, the default).
+        **kwargs: passed to the estimator (``num_samples``, ``seed``).
+
+    Returns:
+        ``(log_lik, description)``: a ``(B,)`` tensor (exact, or a bound as the
+        description says) and the description.
+
+    Raises:
+        NotImplementedError: the method declares no estimator.
+        ValueError: ``estimator`` is not one the method declares.
+    """
+    fn = resolve_likelihood(method, estimator)
+    return fn(method, x, **kwargs)

@@ -58,6 +58,7 @@ def test_wheel_contains_all_three_packages(tmp_path):
         "probgen/inference/__init__.py",
         "probgen/inference/train.py",
         "probgen/cli.py",
+        "probgen/apps/cli.py",
     ):
         assert required in names, required
     assert not any(n.startswith(("models/", "inference/", "tests/")) for n in names)

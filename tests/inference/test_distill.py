@@ -244,7 +244,7 @@ def test_bad_input(tmp_path):
 def test_cli_handler_distils_a_teacher_run(tmp_path, capsys):
     import argparse
 
-    from probgen.inference.distill import cli_distill
+    from probgen.apps.cli import _cmd_distill as cli_distill
 
     teacher = _tiny_teacher()
     meta = {"method": "ddpm", "config": teacher.config, "data": "eight_gaussians", "form": "int",

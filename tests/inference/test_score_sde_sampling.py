@@ -8,8 +8,8 @@ import torch
 from pyro import poutine
 
 import probgen.inference.conditioning  # noqa: F401  (imports the registrations too)
+from probgen.apps.evaluate import log_likelihood
 from probgen.inference.conditioning import ScoreSDEDistribution, inpaint
-from probgen.inference.evaluate import log_likelihood
 from probgen.inference.sampling import draw_samples, samplers_for
 from probgen.inference.score_sde_sampling import ode_likelihood, sample_score_sde
 from probgen.models.score_sde import ScoreSDE

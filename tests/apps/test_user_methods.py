@@ -13,8 +13,9 @@ import textwrap
 import pytest
 import torch
 
+from probgen.apps.evaluate import evaluate
 from probgen.cli import main
-from probgen.inference import evaluate, fit
+from probgen.inference import fit
 from probgen.models import available, load_method
 
 USER_MODULE = '''

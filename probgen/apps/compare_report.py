@@ -1,8 +1,8 @@
-r"""Writing a :class:`~probgen.inference.compare.CompareResult`: Markdown table, JSON and a sample panel.
+r"""Writing a :class:`~probgen.apps.compare.CompareResult`: Markdown table, JSON and a sample panel.
 
 ``compare.md`` has one row per method plus the floor rows, the NLL estimator of each row
 spelled out under the table (a bound is not an exact value), and the budget; ``compare.json``
-holds everything :func:`~probgen.inference.compare.compare` measured; ``compare.png`` shows the
+holds everything :func:`~probgen.apps.compare.compare` measured; ``compare.png`` shows the
 data next to each method's samples (scatters for 2-D data, image grids for images).
 """
 

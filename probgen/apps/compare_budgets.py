@@ -1,4 +1,4 @@
-r"""Budgets of :func:`~probgen.inference.compare.compare`: how each method is trained and sampled.
+r"""Budgets of :func:`~probgen.apps.compare.compare`: how each method is trained and sampled.
 
 A :class:`Budget` holds, per kind of data (``"vector"``: 2-D toys and arrays; ``"image"``), one
 :class:`MethodSettings` per method name and a fallback for methods it does not name, so a newly

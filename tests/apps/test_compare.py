@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
+from probgen.apps.compare import BUDGETS, NetworkCalls, add_arguments, cli_main, compare
 from probgen.data import toy_entropy
-from probgen.inference.compare import BUDGETS, NetworkCalls, add_arguments, cli_main, compare
 from probgen.models import available, base
 from probgen.models.base import Method, register
 

@@ -8,7 +8,7 @@ draws samples with :func:`~probgen.inference.sampling.draw_samples` and reports 
 split, on the footing of ``DESIGN.md``'s evaluation protocol:
 
 * **NLL** from the estimator registered for the method
-  (:func:`~probgen.inference.evaluate.log_likelihood`), with what it is (exact, a variational
+  (:func:`~probgen.apps.evaluate.log_likelihood`), with what it is (exact, a variational
   bound, an IWAE bound, a probability-flow ODE value): nats per example for continuous data,
   bits/dim of the discrete levels for level data (a density on dequantized data turned into a
   bound on the levels first);
@@ -26,7 +26,7 @@ Every method runs inside its own ``try``: a method that does not accept the data
 while training, sampling or scoring, gives a *failed* row with ``"Type: message"`` and the
 stage, and the others still run; a class with ``compare = False`` (or whose ``from_data``
 needs more than the data, e.g. a teacher) gives a *skipped* row. ``out_dir`` receives
-``compare.md``, ``compare.json`` and ``compare.png`` (:mod:`probgen.inference.compare_report`).
+``compare.md``, ``compare.json`` and ``compare.png`` (:mod:`probgen.apps.compare_report`).
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from probgen.apps.compare_budgets import BUDGETS, Budget, MethodSettings, settings_for
+from probgen.apps.evaluate import log_likelihood, to_levels
 from probgen.data import TOYS, load_dataset, mixture_modes, toy_entropy
-from probgen.inference.compare_budgets import BUDGETS, Budget, MethodSettings, settings_for
-from probgen.inference.evaluate import log_likelihood, to_levels
 from probgen.inference.network_calls import NetworkCalls
 from probgen.inference.sampling import draw_samples, samplers_for
 from probgen.inference.train import fit
@@ -457,7 +457,7 @@ def compare(
         },
     )
     if out_dir is not None:
-        from probgen.inference.compare_report import write_report
+        from probgen.apps.compare_report import write_report
 
         result.paths = write_report(result, out_dir)
     return result
@@ -483,7 +483,7 @@ def cli_main(args: argparse.Namespace) -> int:
     Returns:
         0 when at least one method has an ``ok`` row, else 1 (the files are written either way).
     """
-    from probgen.inference.compare_report import markdown_table
+    from probgen.apps.compare_report import markdown_table
 
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     result = compare(

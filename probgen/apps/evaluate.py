@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from probgen.data import TOYS, Dataset, load_dataset, mixture_modes, toy_entropy
-from probgen.inference.likelihood import resolve_likelihood
+from probgen.inference.likelihood import log_likelihood
 from probgen.inference.sampling import draw_samples
 from probgen.metrics import (
     bits_per_dim,
@@ -36,7 +36,7 @@ from probgen.metrics import (
 )
 from probgen.objectives import seeded
 
-__all__ = ["evaluate", "log_likelihood", "to_levels"]
+__all__ = ["evaluate", "log_likelihood", "to_levels"]  # log_likelihood re-exported
 
 _DENSITY_SCALE = {"dequantized": 1.0, "centered": 2.0}
 _MIXTURES = ("eight_gaussians", "grid25")
@@ -45,29 +45,6 @@ _CACHEABLE = (*TOYS, "grid25")
 
 def _method_name(method: nn.Module) -> str:
     return getattr(method, "name", "") or type(method).__name__
-
-
-def log_likelihood(
-    method: nn.Module, x: Tensor, *, estimator: str | None = None, **kwargs: Any
-) -> tuple[Tensor, str]:
-    """Per-example log-likelihood of ``x`` (``(B, D)``) under ``method``, in nats.
-
-    Args:
-        method: a method; its class declares its estimators (:attr:`probgen.models.Method.likelihoods`).
-        x: observations in the method's data form, ``(B, D)``.
-        estimator: a name the method declares (None: its first, the default).
-        **kwargs: passed to the estimator (``num_samples``, ``seed``).
-
-    Returns:
-        ``(log_lik, description)``: a ``(B,)`` tensor (exact, or a bound as the
-        description says) and the description.
-
-    Raises:
-        NotImplementedError: the method declares no estimator.
-        ValueError: ``estimator`` is not one the method declares.
-    """
-    fn = resolve_likelihood(method, estimator)
-    return fn(method, x, **kwargs)
 
 
 def to_levels(y: Tensor, form: str, num_levels: int) -> Tensor:

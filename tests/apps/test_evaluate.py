@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
+from probgen.apps.evaluate import evaluate, log_likelihood, to_levels
 from probgen.data import load_dataset, toy_entropy
-from probgen.inference.evaluate import evaluate, log_likelihood, to_levels
 from probgen.models import VAE
 from tests.common import assert_close
 
 # The package exports the function evaluate(), which shadows the submodule's attribute name.
-evaluate_module = importlib.import_module("probgen.inference.evaluate")
+evaluate_module = importlib.import_module("probgen.apps.evaluate")
 
 
 def _vae(name, form="int", **kwargs):
