@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probgen.schedules import append_dims
-from probgen.sdes import LangevinSDE, ScoreFn, batch_times
+from probgen.sdes import LangevinSDE, ScoreFn, batch_times, sdeint_on_grid
 
 __all__ = ["annealed_langevin", "check_sigmas", "langevin_corrector", "langevin_sde_sample"]
 
@@ -126,25 +126,10 @@ def langevin_sde_sample(
     num_steps = _check_int("num_steps", num_steps)
     if method not in _SDE_METHODS:
         raise ValueError(f"Expected method in {_SDE_METHODS}, but found {method!r}.")
-    times = [0.0]
-    for _ in range(num_steps):
-        times.append(times[-1] + h)
-    ts = torch.tensor(times if return_path else [0.0, times[-1]], dtype=torch.float64, device=x.device)
-    if bm is None:
-        device = generator.device if generator is not None else x.device
-        entropy = int(torch.randint(2**31 - 1, (), generator=generator, device=device))
-        bm = torchsde.BrownianInterval(
-            t0=0.0,
-            t1=times[-1],
-            size=tuple(x.shape),
-            dtype=x.dtype,
-            device=x.device,
-            entropy=entropy,
-            dt=h,
-            levy_area_approximation="space-time" if method == "srk" else "none",
-        )
     sde = LangevinSDE(score_fn, temperature=temperature)
-    ys = torchsde.sdeint(sde, x, ts, bm=bm, method=method, dt=h)
+    ys = sdeint_on_grid(
+        sde, x, h, num_steps, method=method, bm=bm, tree=True, generator=generator, return_path=return_path
+    )
     return (ys[-1], ys) if return_path else ys[-1]
 
 

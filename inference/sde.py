@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from probgen.inference.langevin import langevin_corrector
 from probgen.schedules import append_dims
-from probgen.sdes import DiffusionSDE, GridBrownian, ReverseSDE, ScoreFn, batch_times, check_finite
+from probgen.sdes import DiffusionSDE, ReverseSDE, ScoreFn, batch_times, check_finite, sdeint_on_grid
 
 __all__ = [
     "CountingScore",
@@ -166,27 +166,17 @@ def reverse_sde_sample(
     if method not in _SDE_METHODS:
         raise ValueError(f"Expected method in {_SDE_METHODS}, but found {method!r}.")
     h = (sde.T - eps) / steps
-    times = [0.0]
-    for _ in range(steps):
-        times.append(times[-1] + h)
-    ts = torch.tensor(times if return_path else [0.0, times[-1]], dtype=torch.float64, device=x.device)
-    if bm is None and method == "srk":
-        device = generator.device if generator is not None else x.device
-        entropy = int(torch.randint(2**31 - 1, (), generator=generator, device=device))
-        bm = torchsde.BrownianInterval(
-            t0=0.0,
-            t1=times[-1],
-            size=tuple(x.shape),
-            dtype=x.dtype,
-            device=x.device,
-            entropy=entropy,
-            dt=h,
-            levy_area_approximation="space-time",
-        )
-    elif bm is None:  # Euler-Maruyama and Milstein step on the grid: no interval tree needed
-        bm = GridBrownian(0.0, h, steps, tuple(x.shape), dtype=x.dtype, device=x.device, generator=generator)
     counted = CountingScore(score_fn, check=False)  # ReverseSDE checks each state it steps from
-    ys = torchsde.sdeint(ReverseSDE(sde, counted), x, ts, bm=bm, method=method, dt=h)
+    ys = sdeint_on_grid(
+        ReverseSDE(sde, counted),
+        x,
+        h,
+        steps,
+        method=method,
+        bm=bm,
+        generator=generator,
+        return_path=return_path,
+    )
     check_finite(ys[-1], eps)
     out = tweedie_denoise(sde, counted, ys[-1], eps) if denoise else ys[-1]
     result = (out,) + ((ys,) if return_path else ()) + ((counted.calls,) if return_nfe else ())

@@ -48,6 +48,7 @@ __all__ = [
     "check_finite",
     "flat_score",
     "pf_ode_step",
+    "sdeint_on_grid",
 ]
 ScoreFn = Callable[[Tensor, Tensor], Tensor]
 """``score_fn(x, t) -> score``: ``x`` ``(B, D)``, ``t`` ``(B,)``, the score shaped like ``x``."""
@@ -726,3 +727,44 @@ def pf_ode_step(
     """
     func = _IntervalODE(ProbabilityFlowODE(sde, score_fn), t_from.to(x.dtype), t_to.to(x.dtype))
     return odeint(func, x, torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device), method=method)[-1]
+
+
+def sdeint_on_grid(
+    sde: object,
+    x: Tensor,
+    step: float,
+    steps: int,
+    *,
+    method: str = "euler",
+    bm: object | None = None,
+    tree: bool = False,
+    generator: torch.Generator | None = None,
+    return_path: bool = False,
+) -> Tensor:
+    r"""``torchsde.sdeint`` of ``sde`` from ``x`` over exactly ``steps`` steps of size ``step``, from time 0.
+
+    The times are the running float64 sums :math:`t_{k+1} = t_k + h`, the very sums the solver forms,
+    so it takes exactly ``steps`` steps and a returned path holds the iterates themselves. The default
+    Brownian motion is a :class:`GridBrownian` (the step increments drawn in order from ``generator``),
+    or with ``tree`` or ``method="srk"`` a :class:`torchsde.BrownianInterval` seeded from ``generator``
+    (with space-time Lévy area for ``"srk"``).
+
+    Returns:
+        ``(steps + 1, B, D)`` states with ``return_path``, else ``(2, B, D)``: the start and the end.
+    """
+    times = [0.0]
+    for _ in range(steps):
+        times.append(times[-1] + step)
+    ts = torch.tensor(times if return_path else [0.0, times[-1]], dtype=torch.float64, device=x.device)
+    if bm is None and (tree or method == "srk"):
+        device = generator.device if generator is not None else x.device
+        entropy = int(torch.randint(2**31 - 1, (), generator=generator, device=device))
+        bm = torchsde.BrownianInterval(
+            t0=0.0, t1=times[-1], size=tuple(x.shape), dtype=x.dtype, device=x.device, entropy=entropy,
+            dt=step, levy_area_approximation="space-time" if method == "srk" else "none",
+        )  # fmt: skip
+    elif bm is None:  # Euler-Maruyama and Milstein step on the grid: no interval tree needed
+        bm = GridBrownian(
+            0.0, step, steps, tuple(x.shape), dtype=x.dtype, device=x.device, generator=generator
+        )
+    return torchsde.sdeint(sde, x, ts, bm=bm, method=method, dt=step)
