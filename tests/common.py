@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import torch
 
-__all__ = ["TINY", "assert_close", "mc_tolerance", "tiny_method", "toy_data"]
+ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["TINY", "assert_close", "is_png", "load_script", "mc_tolerance", "tiny_method", "toy_data"]
 
 
 def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, msg: str = "") -> None:
@@ -66,3 +70,17 @@ def toy_data(n: int = 256, seed: int = 0) -> torch.Tensor:
     """``n`` points of a 2-D Gaussian blob away from the origin, ``(n, 2)``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 2, generator=g) * 0.7 + torch.tensor([1.0, -0.5])
+
+
+def load_script(name: str, folder: str = "examples"):
+    """Import ``ROOT/folder/name.py`` (an example or a benchmark script) as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def is_png(path) -> bool:
+    """Whether ``path`` is a file that starts with the PNG signature."""
+    path = Path(path)
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,23 +1,10 @@
 """The consistency-model example runs end to end with a tiny budget and writes its pictures."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+from tests.common import is_png, load_script
 
 
 def test_consistency_toy2d_tiny(tmp_path):
@@ -26,9 +13,9 @@ def test_consistency_toy2d_tiny(tmp_path):
     out = tmp_path / "toy"
     argv = ["--teacher-steps", "5", "--steps", "4", "--ct-steps", "4", "--sample-steps", "5"]
     argv += ["--num-samples", "64", "--out", str(out), "--no-progress"]
-    report = _load("consistency_toy2d").main(argv)
+    report = load_script("consistency_toy2d").main(argv)
     for name in ("samples.png", "loss.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     for kind in ("cd", "ct"):
         for k in (1, 2, 4):
             entry = report[kind][f"{k}_step"]
@@ -37,4 +24,4 @@ def test_consistency_toy2d_tiny(tmp_path):
     method, meta = load_method(out / "cd", expected="consistency")
     assert method.config["teacher"] == str(out / "teacher") and meta["objective"]["mode"] == "distillation"
     with pytest.raises(SystemExit, match="already holds a run"):
-        _load("consistency_toy2d").main(["--steps", "2", "--out", str(out), "--no-progress"])
+        load_script("consistency_toy2d").main(["--steps", "2", "--out", str(out), "--no-progress"])

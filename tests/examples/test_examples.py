@@ -1,44 +1,30 @@
 """Every example runs end to end with a tiny budget and writes its pictures."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+from tests.common import is_png, load_script
 
 
 def test_vae_digits_tiny(tmp_path):
     out = tmp_path / "vae"
-    report = _load("vae_digits").main(
+    report = load_script("vae_digits").main(
         ["--steps", "60", "--iwae-samples", "4", "--out", str(out), "--no-progress"]
     )
     for name in ("samples.png", "reconstructions.png", "loss.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert (out / "report.json").is_file()
     assert 0 < report["test_nll_bits_per_dim"] < 6
     with pytest.raises(SystemExit, match="already holds a run"):
-        _load("vae_digits").main(["--steps", "2", "--out", str(out), "--no-progress"])
+        load_script("vae_digits").main(["--steps", "2", "--out", str(out), "--no-progress"])
 
 
 def test_ddpm_toy2d_tiny(tmp_path):
     out = tmp_path / "ddpm"
-    report = _load("ddpm_toy2d").main(
+    report = load_script("ddpm_toy2d").main(
         ["--steps", "20", "--num-samples", "64", "--ddim-steps", "5", "--out", str(out), "--no-progress"]
     )
     for name in ("samples.png", "trajectories.png", "loss.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert all(v >= 0 for v in report["sliced_wasserstein"].values())
 
 
@@ -48,9 +34,9 @@ def test_ddpm_digits_tiny(tmp_path):
 
     out = tmp_path / "ddpm_digits"
     argv = ["--steps", "10", "--T", "20", "--nll-examples", "4", "--fd-samples", "32", "--ddim-steps", "5"]
-    report = _load("ddpm_digits").main(argv + ["--out", str(out), "--no-progress"])
+    report = load_script("ddpm_digits").main(argv + ["--out", str(out), "--no-progress"])
     for name in ("samples.png", "loss.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert (out / "report.json").is_file()
     assert report["test_nll_bits_per_dim"] > 0 and report["frechet_distance"] >= 0
     # The run loads as a method (what `probgen sample/evaluate` do): the best checkpoint holds the
@@ -60,4 +46,4 @@ def test_ddpm_digits_tiny(tmp_path):
     tensors, _ = load_checkpoint(out, "last")
     assert any(k.startswith("ema.") for k in tensors)
     with pytest.raises(SystemExit, match="already holds a run"):
-        _load("ddpm_digits").main(["--steps", "2", "--out", str(out), "--no-progress"])
+        load_script("ddpm_digits").main(["--steps", "2", "--out", str(out), "--no-progress"])

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.common import is_png
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flow_toy2d.py"
 
 
@@ -15,10 +17,6 @@ def _load():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_flow_toy2d_tiny(tmp_path):
@@ -41,7 +39,7 @@ def test_flow_toy2d_tiny(tmp_path):
     argv += ["--digits", "--digits-steps", "3", "--digits-copies", "2", "--out", str(out), "--no-progress"]
     report = _load().main(argv)
     for name in ("density.png", "samples.png", "digits_samples.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert (out / "report.json").is_file()
     toy = report["toys"]["checkerboard"]
     assert toy["entropy_nats"] == pytest.approx(math.log(32))

@@ -4,11 +4,9 @@ import importlib.util
 import json
 from pathlib import Path
 
+from tests.common import is_png
+
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "langevin_bayes.py"
-
-
-def _is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_langevin_bayes_tiny(tmp_path):
@@ -20,7 +18,7 @@ def test_langevin_bayes_tiny(tmp_path):
     argv += ["--features", "3"]
     report = module.main(argv + ["--out", str(out), "--no-progress"])
     for name in ("posterior.png", "traces.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert json.loads((out / "report.json").read_text())["samplers"].keys() == {"SGLD", "MALA", "HMC", "NUTS"}
     for entry in report["samplers"].values():
         assert entry["draws"] == 20 and len(entry["posterior_mean"]) == 4

@@ -1,31 +1,18 @@
 """The score-matching and NCSN examples run end to end with a tiny budget and write their pictures."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+from tests.common import is_png, load_script
 
 
 def test_score_matching_support_tiny(tmp_path):
     out = tmp_path / "support"
     argv = ["--steps", "5", "--grid", "6", "--num-samples", "20", "--langevin-steps", "3"]
-    report = _load("score_matching_support").main(argv + ["--out", str(out), "--no-progress"])
+    report = load_script("score_matching_support").main(argv + ["--out", str(out), "--no-progress"])
     for name in ("score_fields.png", "samples.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert (out / "report.json").is_file()
     methods = report["methods"]
     assert len(methods) == 5 and any(name.startswith("NCSN") for name in methods)
@@ -39,9 +26,9 @@ def test_ncsn_toy2d_tiny(tmp_path):
 
     out = tmp_path / "toy"
     argv = ["--steps", "10", "--num-samples", "64", "--steps-per-level", "2", "--data", "eight_gaussians"]
-    report = _load("ncsn_toy2d").main(argv + ["--out", str(out), "--no-progress"])
+    report = load_script("ncsn_toy2d").main(argv + ["--out", str(out), "--no-progress"])
     for name in ("samples.png", "annealing.png", "loss.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert all(v >= 0 for v in report["sliced_wasserstein"].values())
     method, _ = load_method(out, expected="ncsn")
     assert method.steps_per_level == 2
@@ -50,9 +37,9 @@ def test_ncsn_toy2d_tiny(tmp_path):
 def test_ncsn_digits_tiny(tmp_path):
     out = tmp_path / "digits"
     argv = ["--steps", "4", "--fd-samples", "32", "--steps-per-level", "1", "--base-channels", "8"]
-    report = _load("ncsn_digits").main(argv + ["--out", str(out), "--no-progress"])
+    report = load_script("ncsn_digits").main(argv + ["--out", str(out), "--no-progress"])
     for name in ("samples.png", "annealing.png", "loss.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert math.isfinite(report["frechet_distance"]) and report["frechet_distance_data_floor"] > 0
     with pytest.raises(SystemExit, match="already holds a run"):
-        _load("ncsn_digits").main(["--steps", "2", "--out", str(out), "--no-progress"])
+        load_script("ncsn_digits").main(["--steps", "2", "--out", str(out), "--no-progress"])

@@ -1,23 +1,10 @@
 """The score-SDE examples run end to end with a tiny budget and write their pictures."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _is_png(path: Path) -> bool:
-    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+from tests.common import is_png, load_script
 
 
 def test_score_sde_toy2d_tiny(tmp_path):
@@ -36,9 +23,9 @@ def test_score_sde_toy2d_tiny(tmp_path):
         "--sdes",
         "vp,ve",
     ]
-    report = _load("score_sde_toy2d").main(argv + ["--out", str(out), "--no-progress"])
+    report = load_script("score_sde_toy2d").main(argv + ["--out", str(out), "--no-progress"])
     for name in ("sdes.png", "loss.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert set(report["sdes"]) == {"vp", "ve"} and math.isclose(report["entropy"], 2.8316, abs_tol=1e-3)
     for entry in report["sdes"].values():
         assert all(v >= 0 for v in entry["sliced_wasserstein"].values())
@@ -46,18 +33,20 @@ def test_score_sde_toy2d_tiny(tmp_path):
     method, _ = load_method(out / "ve", expected="score-sde")
     assert method.config["sde"] == "ve"
     with pytest.raises(SystemExit, match="already holds a run"):
-        _load("score_sde_toy2d").main(["--steps", "2", "--sdes", "vp", "--out", str(out), "--no-progress"])
+        load_script("score_sde_toy2d").main(
+            ["--steps", "2", "--sdes", "vp", "--out", str(out), "--no-progress"]
+        )
 
 
 def test_score_sde_digits_tiny(tmp_path):
     out = tmp_path / "digits"
     argv = ["--steps", "4", "--grid", "8", "--sample-steps", "5", "--fd-samples", "0", "--nll-examples", "3"]
     argv += ["--inpaint-examples", "2", "--completions", "1", "--particles", "2", "--inpaint-steps", "5"]
-    report = _load("score_sde_digits").main(
+    report = load_script("score_sde_digits").main(
         argv + ["--base-channels", "8", "--out", str(out), "--no-progress"]
     )
     for name in ("samples.png", "inpainting.png", "loss.png"):
-        assert _is_png(out / name), name
+        assert is_png(out / name), name
     assert report["nll_examples"] == 3 and math.isfinite(report["test_bits_per_dim"])
     assert report["frechet_distance"] is None
     assert all(math.isfinite(v) for v in report["inpainting"]["rmse_levels_unknown_half"].values())
