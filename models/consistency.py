@@ -55,7 +55,7 @@ from probgen.metrics import sliced_wasserstein
 from probgen.models.base import Method, load_method, register
 from probgen.models.ncsn import max_pairwise_distance
 from probgen.models.score_sde import SDES, build_sde
-from probgen.nets import denoiser_net
+from probgen.nets import NetSpec
 from probgen.objectives import Objective, seeded, trace_log_prob
 from probgen.schedules import append_dims
 from probgen.sdes import DiffusionSDE, ScoreFn, pf_ode_step
@@ -231,16 +231,11 @@ class Consistency(Method):
         distance: str = "l2",
         huber_c: float | None = None,
         sample_steps: int = 1,
-        hidden: Sequence[int] = (128, 128, 128),
-        embed_dim: int = 64,
-        base_channels: int = 32,
-        channel_mults: Sequence[int] = (1, 2),
-        num_res_blocks: int = 1,
-        dropout: float = 0.0,
-        attention: bool = False,
         net: nn.Module | None = None,
+        **net_options: Any,
     ) -> None:
         super().__init__()
+        self.net_spec = NetSpec.from_options(net_options)
         _check_int("data_dim", data_dim, 1)
         if sde not in SDES:
             raise ValueError(f"Expected sde in {SDES}, but found {sde!r}.")
@@ -271,26 +266,14 @@ class Consistency(Method):
             sigma_data=float(sigma_data), teacher=teacher, num_scales=num_scales,
             target_decay=float(target_decay), rho=float(rho), s0=s0, s1=s1, mu0=float(mu0),
             distance=distance, huber_c=None if huber_c is None else float(huber_c),
-            sample_steps=sample_steps, hidden=list(hidden), embed_dim=embed_dim,
-            base_channels=base_channels, channel_mults=list(channel_mults),
-            num_res_blocks=num_res_blocks, dropout=dropout, attention=attention,
+            sample_steps=sample_steps, **self.net_spec.config(),
         )  # fmt: skip
         self.data_dim, self.event_shape, self.sigma_data = data_dim, event_shape, float(sigma_data)
         self.sample_steps = sample_steps
         self.eps = self._sde.eps
         self.sigma_eps = float(_sigma_of(self._sde, torch.tensor(self.eps, dtype=torch.float64)))
         self.sigma_max_ode = float(_sigma_of(self._sde, torch.tensor(self._sde.T, dtype=torch.float64)))
-        net_options = dict(
-            hidden=hidden,
-            embed_dim=embed_dim,
-            base_channels=base_channels,
-            channel_mults=channel_mults,
-            num_res_blocks=num_res_blocks,
-            dropout=dropout,
-            attention=attention,
-            zero_init_last=False,
-        )
-        self.net = net if net is not None else denoiser_net(event_shape, **net_options)
+        self.net = net if net is not None else self.net_spec.build(event_shape)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
 
     # ------------------------------------------------------------------ protocol

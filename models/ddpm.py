@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from probgen.distributions import DiscretizedGaussian, UniformSteps, q_marginal, q_posterior
 from probgen.elbo import AnalyticKL_ELBO
 from probgen.models.base import Method, register
-from probgen.nets import denoiser_net
+from probgen.nets import NetSpec
 from probgen.schedules import DiffusionSchedule, at_step, cosine_betas, linear_betas
 
 __all__ = ["DDPM", "DECODERS", "PARAMETERIZATIONS", "SCHEDULES", "VARIANCES", "WEIGHTINGS"]
@@ -92,6 +92,10 @@ class _Tables:
 def _check_choice(what: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"Expected {what} in {choices}, but found {value!r}.")
+
+
+#: DDPM's network defaults (wider than the score models': Ho et al.'s toy settings).
+NET_DEFAULTS = {"hidden": (256, 256, 256), "embed_dim": 128}
 
 
 @register("ddpm")
@@ -144,16 +148,11 @@ class DDPM(Method):
         weighting: str = "elbo",
         decoder: str = "gaussian",
         num_levels: int = 17,
-        hidden: Sequence[int] = (256, 256, 256),
-        base_channels: int = 32,
-        channel_mults: Sequence[int] = (1, 2),
-        num_res_blocks: int = 1,
-        embed_dim: int = 128,
-        dropout: float = 0.0,
-        attention: bool = False,
         net: nn.Module | None = None,
+        **net_options: Any,
     ) -> None:
         super().__init__()
+        self.net_spec = NetSpec.from_options(net_options, defaults=NET_DEFAULTS)
         if isinstance(data_dim, bool) or not isinstance(data_dim, int) or data_dim < 1:
             raise ValueError(f"Expected data_dim >= 1 (an int), but found {data_dim!r}.")
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
@@ -192,28 +191,13 @@ class DDPM(Method):
             weighting=weighting,
             decoder=decoder,
             num_levels=num_levels,
-            hidden=list(hidden),
-            base_channels=base_channels,
-            channel_mults=list(channel_mults),
-            num_res_blocks=num_res_blocks,
-            embed_dim=embed_dim,
-            dropout=dropout,
-            attention=attention,
+            **self.net_spec.config(),
         )
         self.data_dim, self.event_shape, self.T = data_dim, event_shape, T
         self.parameterization, self.variance, self.weighting = parameterization, variance, weighting
         self.decoder, self.num_levels = decoder, num_levels
         self.schedule = DiffusionSchedule.from_betas(betas_t)
-        net_options = dict(
-            hidden=hidden,
-            embed_dim=embed_dim,
-            base_channels=base_channels,
-            channel_mults=channel_mults,
-            num_res_blocks=num_res_blocks,
-            dropout=dropout,
-            attention=attention,
-        )
-        self.net = net if net is not None else denoiser_net(event_shape, **net_options)
+        self.net = net if net is not None else self.net_spec.build(event_shape)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
         self._tables_cache: dict[tuple[torch.device, torch.dtype], _Tables] = {}
 

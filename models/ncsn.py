@@ -66,7 +66,7 @@ from probgen.distributions import UniformSteps
 from probgen.elbo import AnalyticKL_ELBO
 from probgen.models.base import Method, register
 from probgen.models.score_matching import denoising_sites, langevin_chain, perturbation
-from probgen.nets import denoiser_net
+from probgen.nets import NetSpec
 from probgen.schedules import append_dims
 
 __all__ = ["NCSN", "geometric_sigmas", "langevin_step_size", "level_ratio", "max_pairwise_distance"]
@@ -191,16 +191,11 @@ class NCSN(Method):
         step_size: float = 2e-5,
         steps_per_level: int = 100,
         denoise: bool = True,
-        hidden: Sequence[int] = (128, 128, 128),
-        embed_dim: int = 64,
-        base_channels: int = 32,
-        channel_mults: Sequence[int] = (1, 2),
-        num_res_blocks: int = 1,
-        dropout: float = 0.0,
-        attention: bool = False,
         net: nn.Module | None = None,
+        **net_options: Any,
     ) -> None:
         super().__init__()
+        self.net_spec = NetSpec.from_options(net_options)
         if isinstance(data_dim, bool) or not isinstance(data_dim, int) or data_dim < 1:
             raise ValueError(f"Expected data_dim >= 1 (an int), but found {data_dim!r}.")
         if isinstance(steps_per_level, bool) or not isinstance(steps_per_level, int) or steps_per_level < 1:
@@ -226,28 +221,13 @@ class NCSN(Method):
             step_size=float(step_size),
             steps_per_level=steps_per_level,
             denoise=bool(denoise),
-            hidden=list(hidden),
-            embed_dim=embed_dim,
-            base_channels=base_channels,
-            channel_mults=list(channel_mults),
-            num_res_blocks=num_res_blocks,
-            dropout=dropout,
-            attention=attention,
+            **self.net_spec.config(),
         )
         self.data_dim, self.event_shape, self.num_levels = data_dim, event_shape, num_levels
         self.steps_per_level, self.denoise = steps_per_level, bool(denoise)
         self._log_sigma_max = math.log(sigma_max)
         self._log_span = math.log(sigma_max / sigma_min) if num_levels > 1 else 1.0
-        net_options = dict(
-            hidden=hidden,
-            embed_dim=embed_dim,
-            base_channels=base_channels,
-            channel_mults=channel_mults,
-            num_res_blocks=num_res_blocks,
-            dropout=dropout,
-            attention=attention,
-        )
-        self.net = net if net is not None else denoiser_net(event_shape, **net_options)
+        self.net = net if net is not None else self.net_spec.build(event_shape)
         self.register_buffer("sigmas", sigmas, persistent=False)
         self.register_buffer("sigma_data", torch.tensor(float(sigma_data)), persistent=False)
         init_range = torch.tensor([float(init_low), float(init_high)])

@@ -80,7 +80,7 @@ from torch.distributions import register_kl
 from probgen.elbo import AnalyticKL_ELBO
 from probgen.models.base import Method, register
 from probgen.models.ncsn import max_pairwise_distance
-from probgen.nets import denoiser_net
+from probgen.nets import NetSpec
 from probgen.schedules import append_dims
 from probgen.sdes import VESDE, VPSDE, DiffusionSDE, SubVPSDE
 
@@ -324,16 +324,11 @@ class ScoreSDE(Method):
         importance_sampling: bool | None = None,
         sigma_data: float = 1.0,
         sample_steps: int = 1000,
-        hidden: Sequence[int] = (128, 128, 128),
-        embed_dim: int = 64,
-        base_channels: int = 32,
-        channel_mults: Sequence[int] = (1, 2),
-        num_res_blocks: int = 1,
-        dropout: float = 0.0,
-        attention: bool = False,
         net: nn.Module | None = None,
+        **net_options: Any,
     ) -> None:
         super().__init__()
+        self.net_spec = NetSpec.from_options(net_options)
         if isinstance(data_dim, bool) or not isinstance(data_dim, int) or data_dim < 1:
             raise ValueError(f"Expected data_dim >= 1 (an int), but found {data_dim!r}.")
         _check_choice("sde", sde, SDES)
@@ -362,27 +357,12 @@ class ScoreSDE(Method):
             importance_sampling=bool(importance_sampling),
             sigma_data=float(sigma_data),
             sample_steps=sample_steps,
-            hidden=list(hidden),
-            embed_dim=embed_dim,
-            base_channels=base_channels,
-            channel_mults=list(channel_mults),
-            num_res_blocks=num_res_blocks,
-            dropout=dropout,
-            attention=attention,
+            **self.net_spec.config(),
         )
         self.data_dim, self.event_shape, self.weighting = data_dim, event_shape, weighting
         self.importance_sampling, self.sample_steps = bool(importance_sampling), sample_steps
         self.t_min, self.sigma_data = float(t_min), float(sigma_data)
-        net_options = dict(
-            hidden=hidden,
-            embed_dim=embed_dim,
-            base_channels=base_channels,
-            channel_mults=channel_mults,
-            num_res_blocks=num_res_blocks,
-            dropout=dropout,
-            attention=attention,
-        )
-        self.net = net if net is not None else denoiser_net(event_shape, **net_options)
+        self.net = net if net is not None else self.net_spec.build(event_shape)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)  # device and dtype
         self._proposals: dict[tuple[torch.device, torch.dtype], TimeProposal] = {}
 

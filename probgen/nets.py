@@ -15,13 +15,15 @@ high frequencies only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MLP", "SinusoidalEmbedding", "UNet", "denoiser_net"]
+__all__ = ["MLP", "NetSpec", "SinusoidalEmbedding", "UNet", "denoiser_net"]
 
 _ACTIVATIONS = {
     "silu": nn.SiLU,
@@ -437,3 +439,48 @@ def denoiser_net(
         )
     dim = math.prod(event_shape)
     return MLP(dim, dim, hidden, embed_dim=embed_dim, zero_init_last=zero_init_last)
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """The specification of a diffusion method's network (:func:`denoiser_net`), composed into the method.
+
+    A method takes its network as a spec (or as a module of the user's own): the spec's fields are the
+    method's flat keyword arguments and config keys (``hidden``, ``embed_dim``, ... as ``--set``
+    names them), so configs stay flat and old run directories load as before.
+
+    Attributes:
+        hidden: MLP hidden widths (vector data).
+        embed_dim: size of the time embedding.
+        base_channels, channel_mults, num_res_blocks, dropout, attention: the UNet (square images).
+    """
+
+    hidden: tuple[int, ...] = (128, 128, 128)
+    embed_dim: int = 64
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = 1
+    dropout: float = 0.0
+    attention: bool = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> NetSpec:
+        """A spec from a method's keyword arguments (``defaults`` first, then ``options``).
+
+        Raises:
+            TypeError: an option that is not a field, naming the fields (as a constructor would).
+        """
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {unknown}; the network takes {names}")
+        spec = replace(cls(), **{**dict(defaults or {}), **dict(options)})
+        return replace(spec, hidden=tuple(spec.hidden), channel_mults=tuple(spec.channel_mults))
+
+    def config(self) -> dict[str, Any]:
+        """The fields as JSON-ready config entries (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def build(self, event_shape: Sequence[int]) -> nn.Module:
+        """The network for observations of ``event_shape`` (:func:`denoiser_net`)."""
+        return denoiser_net(event_shape, **asdict(self))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.examples.test_consistency_example import _load as _example
+from tests.common import load_script as _example
 
 from .test_score_benchmarks import _load, threads  # noqa: F401  (the fixture)
 
@@ -30,7 +30,7 @@ def test_consistency_seeds_reports_means_errors_and_paired_ratios(tmp_path, thre
 
 
 def test_distill_seeds_pairs_teacher_and_student_on_shared_noise(tmp_path, threads):  # noqa: F811
-    from tests.examples.test_distill_example import _load as _distill_example
+    from tests.common import load_script as _distill_example
 
     out = tmp_path / "distill"
     argv = ["--teacher-steps", "20", "--steps-per-stage", "4", "--start-steps", "8", "--num-samples", "64"]
