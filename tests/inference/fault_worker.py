@@ -18,6 +18,14 @@ from probgen.inference import fit
 from tests.common import tiny_method, toy_data
 
 
+def train(run_dir, steps: int, *, resume: bool = False, callback=None):
+    """The run every case makes (also called in-process by the tests for the reference runs)."""
+    method = tiny_method("vae")
+    fit(method, toy_data(), steps=steps, batch_size=32, checkpoint_every=2, seed=3,
+        run_dir=run_dir, resume=resume, progress=False, callback=callback)  # fmt: skip
+    return method
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
@@ -46,10 +54,8 @@ def main() -> int:
         if step == args.sigint_at_step:
             os.kill(os.getpid(), signal.SIGINT)
 
-    method = tiny_method("vae")
     try:
-        fit(method, toy_data(), steps=args.steps, batch_size=32, checkpoint_every=2, seed=3,
-            run_dir=args.run_dir, resume=args.resume, progress=False, callback=callback)  # fmt: skip
+        train(args.run_dir, args.steps, resume=args.resume, callback=callback)
     except KeyboardInterrupt:
         return 130
     return 0

@@ -126,6 +126,13 @@ def test_options_a_resume_cannot_honour_are_refused(tmp_path):
     assert load_checkpoint(tmp_path, "last")[1]["metadata"]["step"] == 4
 
 
+def _train(run_dir: Path, steps: int, resume: bool = False):
+    """The worker's run, in this process (the reference runs and the resumptions)."""
+    from tests.inference.fault_worker import train
+
+    return train(run_dir, steps, resume=resume)
+
+
 def _worker(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     root = str(Path(__file__).resolve().parents[2])  # the worker imports tests.common
     env = {
@@ -146,10 +153,8 @@ def test_sigkill_mid_run_resumes_exactly(tmp_path):
     proc = _worker(tmp_path / "killed", "--steps", "12", "--kill-at-step", "7")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert load_checkpoint(tmp_path / "killed", "last")[1]["metadata"]["step"] == 6
-    assert _worker(tmp_path / "killed", "--steps", "12", "--resume").returncode == 0
-    assert _worker(tmp_path / "straight", "--steps", "12").returncode == 0
-    a, b = (load_method(tmp_path / d, "last")[0] for d in ("killed", "straight"))
-    _assert_same_state(a, b)
+    resumed = _train(tmp_path / "killed", 12, resume=True)
+    _assert_same_state(resumed, _train(tmp_path / "straight", 12))
 
 
 @pytest.mark.parametrize("which", ["first", "later"])
@@ -165,25 +170,19 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_resumable_directory(tmp_path
     else:
         assert load_checkpoint(tmp_path / "run", "last")[1]["metadata"]["step"] == 2
     # Resuming works in both cases (with nothing to resume, the run starts afresh) and cleans up.
-    assert _worker(tmp_path / "run", "--steps", "8", "--resume").returncode == 0
+    resumed = _train(tmp_path / "run", 8, resume=True)
     assert load_checkpoint(tmp_path / "run", "last")[1]["metadata"]["step"] == 8
     weights = [n for n in os.listdir(tmp_path / "run") if n.startswith("last-")]
     assert len(weights) == 1, weights
-    assert _worker(tmp_path / "straight", "--steps", "8").returncode == 0
-    _assert_same_state(
-        load_method(tmp_path / "run", "last")[0], load_method(tmp_path / "straight", "last")[0]
-    )
+    _assert_same_state(resumed, _train(tmp_path / "straight", 8))
 
 
 def test_sigint_saves_last_and_the_resumed_run_is_exact(tmp_path):
     proc = _worker(tmp_path / "run", "--steps", "12", "--sigint-at-step", "5")
     assert proc.returncode == 130, proc.stderr[-2000:]
     assert load_checkpoint(tmp_path / "run", "last")[1]["metadata"]["step"] == 5
-    assert _worker(tmp_path / "run", "--steps", "12", "--resume").returncode == 0
-    assert _worker(tmp_path / "straight", "--steps", "12").returncode == 0
-    _assert_same_state(
-        load_method(tmp_path / "run", "last")[0], load_method(tmp_path / "straight", "last")[0]
-    )
+    resumed = _train(tmp_path / "run", 12, resume=True)
+    _assert_same_state(resumed, _train(tmp_path / "straight", 12))
 
 
 def test_tampered_weights_and_records_are_refused(tmp_path):
