@@ -126,6 +126,19 @@ class Method(PyroModule):
             )
         return x
 
+    def _states_and_levels(
+        self, x: torch.Tensor, level: float | torch.Tensor, name: str = "t"
+    ) -> torch.Tensor:
+        """Check states ``x`` ``(B, D)``; return ``level`` (a time or noise level, scalar or ``(B,)``) as ``(B,)``."""
+        if x.dim() != 2 or x.shape[-1] != self.event_dim:
+            raise ValueError(f"Expected x of shape (B, {self.event_dim}), but found {tuple(x.shape)}.")
+        level = torch.as_tensor(level, dtype=x.dtype, device=x.device)
+        if level.dim() == 0:
+            return level.expand(x.shape[0])
+        if level.shape != x.shape[:1]:
+            raise ValueError(f"Expected {name} of shape ({x.shape[0]},), but found {tuple(level.shape)}.")
+        return level
+
     def _batch_size(self, x: torch.Tensor | None, batch_size: int | None) -> int:
         if x is not None:
             return x.shape[-2] if x.dim() >= 2 else 1

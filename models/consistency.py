@@ -367,13 +367,7 @@ class Consistency(Method):
         Returns:
             ``(B, D)``; exactly ``x`` at :math:`t = \epsilon`.
         """
-        if x.dim() != 2 or x.shape[-1] != self.data_dim:
-            raise ValueError(f"Expected x of shape (B, {self.data_dim}), but found {tuple(x.shape)}.")
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"Expected t of shape ({x.shape[0]},), but found {tuple(t.shape)}.")
+        t = self._states_and_levels(x, t, "t")
         m_t, _ = self._sde.marginal_params(t)
         m_eps, _ = self._sde.marginal_params(torch.full_like(t, self.eps))
         c_skip, c_out, c_in = (append_dims(c, 2) for c in self.scalings(t))

@@ -295,13 +295,7 @@ class NCSN(Method):
         Returns:
             ``(B, D)``.
         """
-        if x.dim() != 2 or x.shape[-1] != self.data_dim:
-            raise ValueError(f"Expected x of shape (B, {self.data_dim}), but found {tuple(x.shape)}.")
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
-        if sigma.dim() == 0:
-            sigma = sigma.expand(x.shape[0])
-        if sigma.shape != x.shape[:1]:
-            raise ValueError(f"Expected sigma of shape ({x.shape[0]},), but found {tuple(sigma.shape)}.")
+        sigma = self._states_and_levels(x, sigma, "sigma")
         c_in = (self.sigma_data.to(x.dtype) ** 2 + sigma**2).rsqrt()
         c_noise = 1000.0 * (self._log_sigma_max - sigma.log()) / self._log_span
         h = (append_dims(c_in, 2) * x).reshape(x.shape[0], *self.event_shape)

@@ -416,13 +416,7 @@ class ScoreSDE(Method):
         Returns:
             ``(B, D)``.
         """
-        if x.dim() != 2 or x.shape[-1] != self.data_dim:
-            raise ValueError(f"Expected x of shape (B, {self.data_dim}), but found {tuple(x.shape)}.")
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
-        if t.dim() == 0:
-            t = t.expand(x.shape[0])
-        if t.shape != x.shape[:1]:
-            raise ValueError(f"Expected t of shape ({x.shape[0]},), but found {tuple(t.shape)}.")
+        t = self._states_and_levels(x, t, "t")
         mean, std = self._sde.marginal_params(t)
         c_in = (mean.pow(2) * self.sigma_data**2 + std.pow(2)).rsqrt()
         h = (append_dims(c_in, 2) * x).reshape(x.shape[0], *self.event_shape)
