@@ -129,7 +129,7 @@ class Method(PyroModule):
     def _states_and_levels(
         self, x: torch.Tensor, level: float | torch.Tensor, name: str = "t"
     ) -> torch.Tensor:
-        """Check states ``x`` ``(B, D)``; return ``level`` (a time or noise level, scalar or ``(B,)``) as ``(B,)``."""
+        """Check states ``x`` ``(B, D)``; return ``level`` (a time or noise level) as a ``(B,)`` tensor."""
         if x.dim() != 2 or x.shape[-1] != self.event_dim:
             raise ValueError(f"Expected x of shape (B, {self.event_dim}), but found {tuple(x.shape)}.")
         level = torch.as_tensor(level, dtype=x.dtype, device=x.device)
