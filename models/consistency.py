@@ -39,6 +39,7 @@ denoising :math:`\hat x_k = f_\theta(x_k, \tau_k)`; the last denoised value is t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -54,11 +55,10 @@ from probgen.checkpoint import CheckpointError
 from probgen.metrics import sliced_wasserstein
 from probgen.models.base import Method, load_method, register
 from probgen.models.ncsn import max_pairwise_distance
-from probgen.models.score_sde import SDES, build_sde
 from probgen.nets import NetSpec
 from probgen.objectives import Objective, seeded, trace_log_prob
 from probgen.schedules import append_dims
-from probgen.sdes import DiffusionSDE, ScoreFn, pf_ode_step
+from probgen.sdes import DiffusionSDE, ScoreFn, SDESpec, pf_ode_step
 
 __all__ = [
     "DISTANCES",
@@ -213,13 +213,7 @@ class Consistency(Method):
         data_dim: int,
         *,
         event_shape: Sequence[int] | None = None,
-        sde: str = "ve",
-        beta_min: float = 0.1,
-        beta_max: float = 20.0,
-        sigma_min: float = 0.01,
-        sigma_max: float = 50.0,
-        T: float = 1.0,
-        eps: float | None = None,
+        sde: str | DiffusionSDE = "ve",
         sigma_data: float = 0.5,
         teacher: str | None = None,
         num_scales: int = 18,
@@ -232,13 +226,12 @@ class Consistency(Method):
         huber_c: float | None = None,
         sample_steps: int = 1,
         net: nn.Module | None = None,
-        **net_options: Any,
+        **options: Any,
     ) -> None:
         super().__init__()
+        self.sde_spec, net_options = SDESpec.from_options(sde, options)
         self.net_spec = NetSpec.from_options(net_options)
         _check_int("data_dim", data_dim, 1)
-        if sde not in SDES:
-            raise ValueError(f"Expected sde in {SDES}, but found {sde!r}.")
         if distance not in DISTANCES:
             raise ValueError(f"Expected distance in {DISTANCES}, but found {distance!r}.")
         _check_int("num_scales", num_scales, 2)
@@ -257,12 +250,10 @@ class Consistency(Method):
         event_shape = (data_dim,) if event_shape is None else tuple(int(s) for s in event_shape)
         if math.prod(event_shape) != data_dim:
             raise ValueError(f"Expected an event_shape with {data_dim} elements, but found {event_shape}.")
-        sde_opts = dict(beta_min=float(beta_min), beta_max=float(beta_max), sigma_min=float(sigma_min))
-        sde_opts.update(sigma_max=float(sigma_max), T=float(T), eps=None if eps is None else float(eps))
-        self._sde = build_sde(sde, **sde_opts)
-        sde_opts["eps"] = self._sde.eps
+        self._sde = self.sde_spec.build()
+        self.sde_spec = dataclasses.replace(self.sde_spec, eps=self._sde.eps)  # the config records eps
         self.config = dict(
-            data_dim=data_dim, event_shape=list(event_shape), sde=sde, **sde_opts,
+            data_dim=data_dim, event_shape=list(event_shape), **self.sde_spec.config(),
             sigma_data=float(sigma_data), teacher=teacher, num_scales=num_scales,
             target_decay=float(target_decay), rho=float(rho), s0=s0, s1=s1, mu0=float(mu0),
             distance=distance, huber_c=None if huber_c is None else float(huber_c),

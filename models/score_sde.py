@@ -82,7 +82,7 @@ from probgen.models.base import Method, register
 from probgen.models.ncsn import max_pairwise_distance
 from probgen.nets import NetSpec
 from probgen.schedules import append_dims
-from probgen.sdes import VESDE, VPSDE, DiffusionSDE, SubVPSDE
+from probgen.sdes import DiffusionSDE, SDESpec
 
 __all__ = [
     "SDES",
@@ -99,24 +99,9 @@ SDES = ("vp", "subvp", "ve")
 WEIGHTINGS = ("sigma2", "likelihood")
 
 
-def build_sde(
-    kind: str,
-    *,
-    beta_min: float = 0.1,
-    beta_max: float = 20.0,
-    sigma_min: float = 0.01,
-    sigma_max: float = 50.0,
-    T: float = 1.0,
-    eps: float | None = None,
-) -> DiffusionSDE:
-    """The forward SDE ``kind`` in :data:`SDES` (``eps`` None: the SDE's own default)."""
-    if kind not in SDES:
-        raise ValueError(f"Expected sde in {SDES}, but found {kind!r}.")
-    extra = {} if eps is None else {"eps": eps}
-    if kind == "ve":
-        return VESDE(sigma_min=sigma_min, sigma_max=sigma_max, T=T, **extra)
-    cls = VPSDE if kind == "vp" else SubVPSDE
-    return cls(beta_min=beta_min, beta_max=beta_max, T=T, **extra)
+def build_sde(kind: str, **params: Any) -> DiffusionSDE:
+    """The forward SDE ``kind`` in :data:`SDES` with ``params`` (``eps`` None: the SDE's own default)."""
+    return SDESpec.from_options(kind, params)[0].build()
 
 
 def weight_over_var(sde: DiffusionSDE, weighting: str, t: Tensor) -> Tensor:
@@ -312,26 +297,21 @@ class ScoreSDE(Method):
         data_dim: int,
         *,
         event_shape: Sequence[int] | None = None,
-        sde: str = "vp",
-        beta_min: float = 0.1,
-        beta_max: float = 20.0,
-        sigma_min: float = 0.01,
-        sigma_max: float = 50.0,
-        T: float = 1.0,
-        eps: float | None = None,
+        sde: str | DiffusionSDE = "vp",
         t_min: float = 1e-5,
         weighting: str = "sigma2",
         importance_sampling: bool | None = None,
         sigma_data: float = 1.0,
         sample_steps: int = 1000,
         net: nn.Module | None = None,
-        **net_options: Any,
+        **options: Any,
     ) -> None:
         super().__init__()
+        self.sde_spec, net_options = SDESpec.from_options(sde, options)
         self.net_spec = NetSpec.from_options(net_options)
+        T = self.sde_spec.T
         if isinstance(data_dim, bool) or not isinstance(data_dim, int) or data_dim < 1:
             raise ValueError(f"Expected data_dim >= 1 (an int), but found {data_dim!r}.")
-        _check_choice("sde", sde, SDES)
         _check_choice("weighting", weighting, WEIGHTINGS)
         if isinstance(sample_steps, bool) or not isinstance(sample_steps, int) or sample_steps < 1:
             raise ValueError(f"Expected sample_steps >= 1 (an int), but found {sample_steps!r}.")
@@ -344,14 +324,11 @@ class ScoreSDE(Method):
         event_shape = (data_dim,) if event_shape is None else tuple(int(s) for s in event_shape)
         if math.prod(event_shape) != data_dim:
             raise ValueError(f"Expected an event_shape with {data_dim} elements, but found {event_shape}.")
-        sde_opts = dict(beta_min=float(beta_min), beta_max=float(beta_max), sigma_min=float(sigma_min))
-        sde_opts.update(sigma_max=float(sigma_max), T=float(T), eps=None if eps is None else float(eps))
-        self._sde = build_sde(sde, **sde_opts)
+        self._sde = self.sde_spec.build()
         self.config = dict(
             data_dim=data_dim,
             event_shape=list(event_shape),
-            sde=sde,
-            **sde_opts,
+            **self.sde_spec.config(),
             t_min=float(t_min),
             weighting=weighting,
             importance_sampling=bool(importance_sampling),

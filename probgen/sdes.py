@@ -23,7 +23,9 @@ probability-flow ODE :class:`ProbabilityFlowODE`, both driven by a score functio
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
 import torchsde
@@ -47,6 +49,7 @@ __all__ = [
     "batch_times",
     "check_finite",
     "flat_score",
+    "SDESpec",
     "pf_ode_step",
     "sdeint_on_grid",
 ]
@@ -768,3 +771,70 @@ def sdeint_on_grid(
             0.0, step, steps, tuple(x.shape), dtype=x.dtype, device=x.device, generator=generator
         )
     return torchsde.sdeint(sde, x, ts, bm=bm, method=method, dt=step)
+
+
+@dataclass(frozen=True)
+class SDESpec:
+    """The forward SDE a score-based method is composed with: an SDE object, or its kind and parameters.
+
+    The fields are the method's flat config keys (``sde`` is the kind), so configs stay flat and old
+    run directories load as before; :meth:`build` makes the :class:`DiffusionSDE`.
+
+    Attributes:
+        kind: ``"vp"``, ``"subvp"`` or ``"ve"``.
+        beta_min, beta_max: the linear :math:`\beta(t)` of VP and sub-VP.
+        sigma_min, sigma_max: VE's noise levels.
+        T: the end time.
+        eps: the smallest time for sampling and likelihoods (None: the SDE's own default).
+    """
+
+    kind: str = "vp"
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    sigma_min: float = 0.01
+    sigma_max: float = 50.0
+    T: float = 1.0
+    eps: float | None = None
+
+    KINDS = ("vp", "subvp", "ve")
+
+    @classmethod
+    def from_options(
+        cls, sde: str | DiffusionSDE, options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+    ) -> tuple[SDESpec, dict[str, Any]]:
+        """The spec of ``sde`` (a kind with the SDE keys of ``options``, or an SDE object) and the rest.
+
+        Raises:
+            ValueError: an unknown kind, or SDE keys given beside an SDE object.
+        """
+        keys = [f.name for f in fields(cls) if f.name != "kind"]
+        mine = {k: options[k] for k in keys if k in options}
+        rest = {k: v for k, v in options.items() if k not in mine}
+        if isinstance(sde, DiffusionSDE):
+            if mine:
+                raise ValueError(
+                    f"Expected no {sorted(mine)} beside an SDE object (set them on it), but found them."
+                )
+            kind = {VPSDE: "vp", SubVPSDE: "subvp", VESDE: "ve"}.get(type(sde))
+            if kind is None:
+                raise ValueError(f"Expected a VPSDE, SubVPSDE or VESDE, but found {type(sde).__name__}.")
+            params = {k: float(getattr(sde, k)) for k in keys if hasattr(sde, k)}
+            return replace(cls(kind=kind), **params), rest
+        if sde not in cls.KINDS:
+            raise ValueError(f"Expected sde in {cls.KINDS}, but found {sde!r}.")
+        values = {**dict(defaults or {}), **mine}
+        values = {k: (None if v is None else float(v)) for k, v in values.items()}
+        return replace(cls(kind=sde), **values), rest
+
+    def config(self) -> dict[str, Any]:
+        """The flat config entries (``sde`` for the kind)."""
+        out = asdict(self)
+        return {"sde": out.pop("kind"), **out}
+
+    def build(self) -> DiffusionSDE:
+        """The forward SDE (``eps`` None: its own default)."""
+        extra = {} if self.eps is None else {"eps": self.eps}
+        if self.kind == "ve":
+            return VESDE(sigma_min=self.sigma_min, sigma_max=self.sigma_max, T=self.T, **extra)
+        cls = VPSDE if self.kind == "vp" else SubVPSDE
+        return cls(beta_min=self.beta_min, beta_max=self.beta_max, T=self.T, **extra)

@@ -323,3 +323,22 @@ def test_bad_input_gives_one_clear_error_each():
         method.guide(None)
     with pytest.raises(ValueError, match=r"Expected num >= 1"):
         method.sample(0)
+
+
+def test_built_by_composition_of_an_sde_object_and_a_net_spec():
+    from probgen.nets import NetSpec
+    from probgen.sdes import VESDE, SDESpec, SubVPSDE
+
+    method = ScoreSDE(2, sde=VESDE(sigma_min=0.02, sigma_max=4.0), hidden=(8,), embed_dim=4)
+    assert isinstance(method.sde_object, VESDE) and method.sde_object.sigma_max == 4.0
+    assert method.net_spec == NetSpec(hidden=(8,), embed_dim=4)
+    # The config is flat, as in earlier run directories, and rebuilds the same model.
+    config = method.config
+    assert (config["sde"], config["sigma_max"], config["hidden"]) == ("ve", 4.0, [8])
+    again = ScoreSDE(**config)
+    assert again.config == config and again.sde_spec == method.sde_spec
+    assert SDESpec.from_options(SubVPSDE(beta_max=10.0), {})[0].config()["beta_max"] == 10.0
+    with pytest.raises(ValueError, match=r"Expected no \['sigma_max'\] beside an SDE object"):
+        ScoreSDE(2, sde=VESDE(), sigma_max=3.0)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['hiden'\]; the network takes"):
+        ScoreSDE(2, hiden=(8,))
