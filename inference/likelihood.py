@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from probgen.elbo import sample_sites
 from probgen.metrics import bits_per_dim
+from probgen.models.base import declared
 from probgen.objectives import seeded
 
 __all__ = [
@@ -270,17 +271,7 @@ def resolve_likelihood(method: nn.Module, estimator: str | None = None) -> Calla
     if not table:
         raise NotImplementedError(f"method {name!r} declares no log-likelihood estimator")
     key = next(iter(table)) if estimator is None else estimator
-    if key not in table:
-        raise ValueError(f"Expected a likelihood estimator in {list(table)} for {name}, but found {key!r}.")
-    fn = table[key]
-    if callable(fn):
-        return fn
-    if fn not in ESTIMATORS:
-        raise ValueError(
-            f"Expected {type(method).__name__}.likelihoods[{key!r}] to name an estimator in "
-            f"{sorted(ESTIMATORS)} or to be a callable, but found {fn!r}."
-        )
-    return ESTIMATORS[fn]
+    return declared(method, "likelihoods", key, ESTIMATORS, "likelihood estimator")
 
 
 def log_likelihood(

@@ -21,6 +21,7 @@ from probgen.inference.consistency import consistency_sampler
 from probgen.inference.distill import distilled_ddim
 from probgen.inference.langevin import ncsn_annealed_langevin
 from probgen.inference.score_sde_sampling import score_sde_em, score_sde_ode, score_sde_pc
+from probgen.models.base import declared
 from probgen.objectives import seeded
 
 __all__ = ["ALGORITHMS", "draw_samples", "resolve", "sampler_knobs", "samplers_for"]
@@ -66,10 +67,6 @@ ALGORITHMS: Mapping[str, Callable[..., Tensor]] = {
 }
 
 
-def _table(method: nn.Module) -> Mapping[str, Any]:
-    return getattr(type(method), "samplers", None) or {"ancestral": "ancestral"}
-
-
 def samplers_for(method: nn.Module | type) -> list[str]:
     """The sampler names a method (or method class) declares, ``"ancestral"`` first where it has one."""
     table = getattr(method if isinstance(method, type) else type(method), "samplers", None) or {
@@ -80,19 +77,13 @@ def samplers_for(method: nn.Module | type) -> list[str]:
 
 def resolve(method: nn.Module, sampler: str) -> Callable[..., Tensor]:
     """The function behind ``sampler`` for ``method`` (a ``ValueError`` listing the declared ones)."""
-    table = _table(method)
-    if sampler not in table:
-        name = getattr(method, "name", "") or type(method).__name__
-        raise ValueError(f"Expected a sampler in {samplers_for(method)} for {name}, but found {sampler!r}.")
-    algorithm = table[sampler]
-    if callable(algorithm):
-        return algorithm
-    if algorithm not in ALGORITHMS:
-        raise ValueError(
-            f"Expected {type(method).__name__}.samplers[{sampler!r}] to name an algorithm in "
-            f"{sorted(ALGORITHMS)} or to be a callable, but found {algorithm!r}."
+    if not getattr(type(method), "samplers", None):
+        return (
+            model_ancestral
+            if sampler == "ancestral"
+            else declared(method, "samplers", sampler, {}, "sampler")
         )
-    return ALGORITHMS[algorithm]
+    return declared(method, "samplers", sampler, ALGORITHMS, "sampler")
 
 
 def sampler_knobs(fn: Callable[..., Tensor]) -> tuple[list[str], bool]:

@@ -32,6 +32,7 @@ __all__ = [
     "build",
     "check_config_sizes",
     "check_parameter_count",
+    "declared",
     "import_methods",
     "load_method",
     "load_plugins",
@@ -155,6 +156,32 @@ class Method(PyroModule):
             raise ValueError(f"Expected num >= 1, but found {num}.")
         trace = poutine.trace(self.model).get_trace(None, batch_size=num)
         return trace.nodes[self.observed_site]["value"]
+
+
+def declared(
+    method: Any, table: str, key: str, library: Mapping[str, Callable[..., Any]], what: str
+) -> Callable[..., Any]:
+    """The function a method's class declares as ``key`` in its table ``table`` (``samplers``, ...).
+
+    A declared value is a callable of the user's own, or the name of a function of ``library`` (the
+    inference package's algorithms; models never import them, so the library is passed in).
+
+    Raises:
+        ValueError: ``key`` is not declared (the message lists what is), or names no ``library`` entry.
+    """
+    entries = getattr(type(method), table, None) or {}
+    if key not in entries:
+        name = getattr(method, "name", "") or type(method).__name__
+        raise ValueError(f"Expected a {what} in {list(entries)} for {name}, but found {key!r}.")
+    value = entries[key]
+    if callable(value):
+        return value
+    if value not in library:
+        raise ValueError(
+            f"Expected {type(method).__name__}.{table}[{key!r}] to name one of {sorted(library)} "
+            f"or to be a callable, but found {value!r}."
+        )
+    return library[value]
 
 
 def register(name: str) -> Callable[[type[Method]], type[Method]]:
