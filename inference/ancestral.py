@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from probgen.distributions import q_marginal
 from probgen.objectives import seeded
+from probgen.schedules import ddim_step
 
 __all__ = ["ancestral_sample", "ddim_sample", "ddim_timesteps"]
 
@@ -230,9 +231,7 @@ def ddim_sample(
             a_t = alpha_bars[t - 1]
             a_prev = alpha_bars[t_prev - 1] if t_prev > 0 else 1.0
             sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-            x = math.sqrt(a_prev) * x0_hat + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
-            if sigma > 0:
-                x = x + sigma * torch.randn(x.shape, device=x.device, dtype=x.dtype)
+            x = ddim_step(x0_hat, eps, math.sqrt(a_prev), math.sqrt(1 - a_prev), noise_scale=sigma)
             if states is not None:
                 states.append(x)
         if final == "sample":

@@ -67,7 +67,7 @@ from probgen.distributions import UniformSteps
 from probgen.elbo import AnalyticKL_ELBO
 from probgen.models.base import Method, register
 from probgen.models.ddpm import DDPM
-from probgen.schedules import append_dims
+from probgen.schedules import append_dims, ddim_step
 
 __all__ = ["Distilled", "PARAMETERIZATIONS", "WEIGHTINGS", "ddim_on_grid", "distillation_target", "step_grid"]
 
@@ -117,10 +117,6 @@ def distillation_target(
     return (z_end - ratio * z_t) / (alpha_end - ratio * alpha_t)
 
 
-def _ddim_step(x0_hat: Tensor, eps_hat: Tensor, alpha_s: Tensor, sigma_s: Tensor) -> Tensor:
-    return alpha_s * x0_hat + sigma_s * eps_hat
-
-
 @torch.no_grad()
 def ddim_on_grid(method: Any, z_T: Tensor, steps: int) -> Tensor:
     r"""Deterministic DDIM (Song et al. 2021, arXiv:2010.02502, eq. 12, eta = 0) on :func:`step_grid`.
@@ -142,7 +138,7 @@ def ddim_on_grid(method: Any, z_T: Tensor, steps: int) -> Tensor:
         t = torch.full((z.shape[0],), grid[i], device=z.device, dtype=torch.long)
         eps_hat, x0_hat = method.predict(z, t)
         alpha_s, sigma_s = _alpha_sigma(method, t.new_full(t.shape, grid[i - 1]), z)
-        z = _ddim_step(x0_hat, eps_hat, alpha_s, sigma_s)
+        z = ddim_step(x0_hat, eps_hat, alpha_s, sigma_s)
     return z
 
 
@@ -331,10 +327,10 @@ class Distilled(Method):
             z_t = pyro.sample("z_t", dist.Normal(alpha * x0, sigma.expand_as(x0)).to_event(1))
             with torch.no_grad():
                 eps_hat, x0_hat = teacher.predict(z_t, t)
-                z_mid = _ddim_step(x0_hat, eps_hat, *_alpha_sigma(self, t_mid, x0))
+                z_mid = ddim_step(x0_hat, eps_hat, *_alpha_sigma(self, t_mid, x0))
                 eps_hat, x0_hat = teacher.predict(z_mid, t_mid)
                 alpha_end, sigma_end = _alpha_sigma(self, t_end, x0)
-                z_end = _ddim_step(x0_hat, eps_hat, alpha_end, sigma_end)
+                z_end = ddim_step(x0_hat, eps_hat, alpha_end, sigma_end)
                 target = distillation_target(z_t, z_end, alpha, sigma, alpha_end, sigma_end)
             _, x_hat = self.predict(z_t, t)
             with poutine.scale(scale=self.loss_weight(t)):

@@ -22,11 +22,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["DiffusionSchedule", "append_dims", "at_step", "check_betas", "cosine_betas", "linear_betas"]
+__all__ = [
+    "DiffusionSchedule",
+    "append_dims",
+    "at_step",
+    "check_betas",
+    "cosine_betas",
+    "ddim_step",
+    "linear_betas",
+]
 
 
 def _check_steps(T: object) -> int:
@@ -164,3 +173,25 @@ class DiffusionSchedule:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """The same schedule with every field cast to ``device`` / ``dtype``."""
         return DiffusionSchedule(**{f.name: getattr(self, f.name).to(device, dtype) for f in fields(self)})
+
+
+def ddim_step(x0_hat: Tensor, eps_hat: Tensor, alpha: Any, sigma: Any, noise_scale: float = 0.0) -> Tensor:
+    r"""One DDIM update (Song, Meng & Ermon 2020, arXiv:2010.02502, eq. 12) to the state at the next level.
+
+    .. math::
+        x' = \alpha\, \hat x_0 + \sqrt{\sigma^2 - s^2}\, \hat\epsilon + s z,
+
+    with :math:`\alpha = \sqrt{\bar\alpha'}`, :math:`\sigma = \sqrt{1 - \bar\alpha'}` of the next level
+    and :math:`s` = ``noise_scale`` (0: deterministic DDIM; the noise is drawn from the global RNG).
+    The one DDIM step of the library: DDPM's DDIM sampler and the distilled students both take it.
+
+    Args:
+        x0_hat, eps_hat: the predictions at the current level, ``(B, D)``.
+        alpha, sigma: floats, or tensors broadcastable to ``(B, D)``.
+        noise_scale: :math:`s \le \sigma`.
+    """
+    if not noise_scale:
+        return alpha * x0_hat + sigma * eps_hat
+    direction = math.sqrt(max(float(sigma) ** 2 - noise_scale**2, 0.0))
+    x = alpha * x0_hat + direction * eps_hat
+    return x + noise_scale * torch.randn(x.shape, device=x.device, dtype=x.dtype)
