@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probgen.schedules import append_dims
-from probgen.sdes import LangevinSDE, ScoreFn, batch_times, sdeint_on_grid
+from probgen.sdes import LangevinSDE, ScoreFn, batch_times, langevin_step, sdeint_on_grid
 
 __all__ = ["annealed_langevin", "check_sigmas", "langevin_corrector", "langevin_sde_sample"]
 
@@ -185,7 +185,8 @@ def annealed_langevin(
     for i in tqdm(range(len(alphas)), desc="annealed Langevin", disable=not progress):
         alpha, sigma = alphas[i], levels[i].expand(batch)
         for m in range(steps_per_level):
-            x = x + (alpha / 2) * score_fn(x, sigma) + math.sqrt(alpha) * _noise(x, generator)
+            loc, scale = langevin_step(x, score_fn(x, sigma), alpha)
+            x = loc + scale * _noise(x, generator)
             if callback is not None:
                 callback({"x": x, "level": i, "step": m, "sigma": float(levels[i]), "step_size": alpha})
         if path is not None:

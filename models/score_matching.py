@@ -58,6 +58,7 @@ from probgen.elbo import AnalyticKL_ELBO
 from probgen.models.base import Method, register
 from probgen.nets import MLP
 from probgen.schedules import append_dims
+from probgen.sdes import langevin_step
 
 __all__ = [
     "OBJECTIVES",
@@ -201,8 +202,8 @@ def langevin_chain(
     for i, (sigma, alpha) in enumerate(zip(sigmas, step_sizes), start=1):
         sigma_b = sigma.expand(n)
         for m in range(1, steps_per_level + 1):
-            loc = x + 0.5 * alpha * score_fn(x, sigma_b)
-            x = pyro.sample(f"x_{i}_{m}", dist.Normal(loc, alpha.sqrt().expand_as(loc)).to_event(1))
+            loc, scale = langevin_step(x, score_fn(x, sigma_b), alpha)
+            x = pyro.sample(f"x_{i}_{m}", dist.Normal(loc, scale.expand_as(loc)).to_event(1))
     if denoise:
         x = x + sigmas[-1] ** 2 * score_fn(x, sigmas[-1].expand(n))
     return pyro.sample("x", dist.Delta(x, event_dim=1))

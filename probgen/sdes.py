@@ -50,6 +50,7 @@ __all__ = [
     "check_finite",
     "flat_score",
     "SDESpec",
+    "langevin_step",
     "pf_ode_step",
     "sdeint_on_grid",
 ]
@@ -838,3 +839,19 @@ class SDESpec:
             return VESDE(sigma_min=self.sigma_min, sigma_max=self.sigma_max, T=self.T, **extra)
         cls = VPSDE if self.kind == "vp" else SubVPSDE
         return cls(beta_min=self.beta_min, beta_max=self.beta_max, T=self.T, **extra)
+
+
+def langevin_step(x: Tensor, score: Tensor, step_size: Any) -> tuple[Tensor, Any]:
+    r"""The unadjusted Langevin step as a Gaussian: :math:`x' \sim \mathcal N(x + 	frac{lpha}{2} s, lpha I)`.
+
+    Song & Ermon 2019 (arXiv:1907.05600), Algorithm 1. Returns ``(loc, scale)``: the Pyro Markov chain of
+    :func:`probgen.models.score_matching.langevin_chain` samples ``Normal(loc, scale)`` and
+    :func:`probgen.inference.langevin.annealed_langevin` takes ``loc + scale * z``, the same step.
+
+    Args:
+        x: states ``(B, D)``.
+        score: the score at ``x``, ``(B, D)``.
+        step_size: :math:`lpha > 0` (a float or a tensor).
+    """
+    scale = step_size.sqrt() if isinstance(step_size, Tensor) else math.sqrt(step_size)
+    return x + 0.5 * step_size * score, scale
