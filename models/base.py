@@ -72,6 +72,9 @@ class Method(PyroModule):
     #: ``fn(method, x, *, num_samples, seed) -> (log_lik (B,), description)``. A method with a guide gets
     #: the IWAE bound; a method without a density declares ``{}``.
     likelihoods: ClassVar[Mapping[str, str | Callable[..., Any]]] = {"iwae": "iwae"}
+    #: the method a student method is trained from (``from_data(dataset, teacher=RUN_DIR)``), or None:
+    #: ``probgen compare`` trains that method first and hands its run directory over.
+    teacher_method: ClassVar[str | None] = None
     #: whether :meth:`check_data` also rejects NaN and infinite values (the continuous-data methods).
     finite_data: ClassVar[bool] = False
     config: dict[str, Any]

@@ -204,6 +204,7 @@ class Consistency(Method):
 
     samplers = {"ancestral": "ancestral", "consistency": "consistency"}
     likelihoods = {}
+    teacher_method = "score-sde"
 
     observed_site = "x"
     finite_data = True

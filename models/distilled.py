@@ -63,9 +63,10 @@ from pyro import poutine
 from pyro.infer import ELBO
 from torch import Tensor, nn
 
+from probgen.checkpoint import CheckpointError
 from probgen.distributions import UniformSteps
 from probgen.elbo import AnalyticKL_ELBO
-from probgen.models.base import Method, register
+from probgen.models.base import Method, load_method, register
 from probgen.models.ddpm import DDPM
 from probgen.schedules import append_dims, ddim_step
 
@@ -161,6 +162,7 @@ class Distilled(Method):
 
     samplers = {"ancestral": "distilled-ddim", "ddim": "distilled-ddim"}
     likelihoods = {}
+    teacher_method = "ddpm"
 
     def __init__(
         self,
@@ -242,6 +244,36 @@ class Distilled(Method):
                 f"but found {name!r}."
             )
         return student.to(next(iter(teacher.parameters())).device)
+
+    @classmethod
+    def from_data(
+        cls,
+        dataset: Any,
+        *,
+        teacher: str,
+        steps: int = 4,
+        parameterization: str = "v",
+        weighting: str = "truncated_snr",
+    ) -> Distilled:
+        """One distillation stage from a DDPM run: a ``steps``-step student of its DDIM-``2 * steps``.
+
+        The teacher is loaded from the run directory ``teacher`` and attached (frozen), so ``fit`` trains
+        the student at once; :func:`probgen.inference.distill.progressive_distill` chains such stages.
+
+        Raises:
+            ValueError: the run is not a DDPM's, or its data shape is not the data set's.
+        """
+        try:
+            ddpm, _ = load_method(teacher, expected="ddpm")
+        except CheckpointError as exc:
+            raise ValueError(f"Expected a ddpm teacher run in {teacher!r}, but found: {exc}") from exc
+        if ddpm.data_dim != dataset.x.shape[-1]:
+            raise ValueError(
+                f"Expected a teacher of data dimension {dataset.x.shape[-1]}, but found {ddpm.data_dim}."
+            )
+        student = cls.from_teacher(ddpm, steps, parameterization=parameterization, weighting=weighting)
+        student.attach_teacher(ddpm.requires_grad_(False).eval())
+        return student
 
     def attach_teacher(self, teacher: nn.Module | None) -> None:
         """Set (or with None, clear) the teacher whose two DDIM steps :meth:`model` distils."""

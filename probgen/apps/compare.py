@@ -36,6 +36,7 @@ import dataclasses
 import inspect
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,10 +48,11 @@ from torch import Tensor, nn
 
 from probgen.apps.compare_budgets import BUDGETS, Budget, MethodSettings, settings_for
 from probgen.apps.evaluate import log_likelihood, to_levels
+from probgen.checkpoint import save_checkpoint
 from probgen.data import TOYS, load_dataset, mixture_modes, toy_entropy
 from probgen.inference.network_calls import NetworkCalls
 from probgen.inference.sampling import draw_samples, samplers_for
-from probgen.inference.train import fit
+from probgen.inference.train import fit, run_record
 from probgen.metrics import (
     bits_per_dim,
     digits_frechet_distance,
@@ -152,6 +154,8 @@ def _skip_reason(cls: type) -> str | None:
         for p in params
         if p.default is inspect.Parameter.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     ]
+    if getattr(cls, "teacher_method", None):
+        needed = [n for n in needed if n != "teacher"]  # compare trains the teacher and hands it over
     if needed:
         return f"from_data needs {', '.join(needed)} besides the data (not trainable stand-alone)"
     return None
@@ -252,8 +256,14 @@ def _run_method(
     seed: int,
     device: torch.device,
     progress: bool,
+    teachers: dict[str, Path] | None = None,
+    keep_dir: Path | None = None,
 ) -> tuple[dict[str, Any], Tensor | None]:
-    """One row: build, train, sample, score. Raises :class:`_Stage` on a failure."""
+    """One row: build, train, sample, score. Raises :class:`_Stage` on a failure.
+
+    A student method (``teacher_method``) is built from the run directory of its teacher in ``teachers``;
+    with ``keep_dir`` the trained method is saved there as a run (for the students after it).
+    """
     row: dict[str, Any] = {"method": name, "status": "ok", "settings": _settings_json(settings)}
     cls = method_class(name)
     _run_stage("budget", _check_steps, settings.steps, f" of {name!r}")
@@ -261,10 +271,17 @@ def _run_method(
     train = _run_stage("data", load_dataset, ctx["data"], "train", form=form)
     val = _run_stage("data", load_dataset, ctx["data"], "val", form=form)
     row["form"] = form
+    config = dict(settings.config)
+    teacher_name = getattr(cls, "teacher_method", None)
+    if teacher_name:
+        if teacher_name not in (teachers or {}):
+            raise _Skip(f"its teacher {teacher_name!r} is not trained in this comparison (or failed)")
+        config["teacher"] = str(teachers[teacher_name])
+        row["teacher"] = teacher_name
     with torch.random.fork_rng(devices=[]):  # initialization is a function of the seed
         torch.manual_seed(seed)
         try:
-            method = cls.from_data(train, **dict(settings.config))
+            method = cls.from_data(train, **config)
         except NotImplementedError as exc:  # not buildable from data alone
             raise _Skip(f"from_data: {' '.join(str(exc).split()) or 'not implemented'}") from exc
         except Exception as exc:
@@ -290,6 +307,10 @@ def _run_method(
     row["seconds"] = {"train": time.perf_counter() - start}
     row["trained_steps"], row["best_step"] = int(fitted.step), fitted.best_step
     method.eval()
+    if keep_dir is not None:
+        tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
+        meta = {**run_record(method), "data": ctx["data"], "form": form, "step": int(fitted.step)}
+        save_checkpoint(keep_dir, "last", tensors, meta)
 
     n = budget.num_generated[ctx["kind"]]
     if settings.sampler not in samplers_for(cls):
@@ -329,14 +350,16 @@ def _run_method(
     return row, generated
 
 
-def _guarded_row(name: str, settings: MethodSettings, *args: Any) -> tuple[dict[str, Any], Tensor | None]:
+def _guarded_row(
+    name: str, settings: MethodSettings, *args: Any, **kwargs: Any
+) -> tuple[dict[str, Any], Tensor | None]:
     """:func:`_run_method`, with a skipped or failed row in place of any error of the method."""
     not_ok = {"method": name, "status": "skipped", "stage": "build"}
     reason = _skip_reason(method_class(name))
     if reason is not None:
         return {**not_ok, "reason": reason}, None
     try:
-        return _run_method(name, settings, *args)
+        return _run_method(name, settings, *args, **kwargs)
     except _Skip as exc:
         return {**not_ok, "reason": str(exc)}, None
     except KeyboardInterrupt:
@@ -419,6 +442,12 @@ def compare(
     rows, samples = [], {}
     if "baseline_samples" in ctx:
         samples["independent pixels"] = ctx["baseline_samples"]
+    # A student is trained after its teacher, from the teacher's run in this comparison.
+    wanted = {getattr(method_class(n), "teacher_method", None) for n in names} - {None}
+    order = list(names)  # the rows keep it; the training order puts teachers first
+    names = sorted(names, key=lambda n: n not in wanted)
+    teachers: dict[str, Path] = {}
+    scratch = tempfile.TemporaryDirectory(prefix="probgen-compare-teachers-")
     for name in names:
         settings = settings_for(plan, name, kind)
         if isinstance(steps, Mapping) and name in steps:
@@ -426,7 +455,12 @@ def compare(
         elif isinstance(steps, int):
             settings = dataclasses.replace(settings, steps=steps)
         start = time.perf_counter()
-        row, generated = _guarded_row(name, settings, ctx, plan, seed, device, progress)
+        keep = Path(scratch.name) / name if name in wanted else None
+        row, generated = _guarded_row(
+            name, settings, ctx, plan, seed, device, progress, teachers=teachers, keep_dir=keep
+        )
+        if keep is not None and row["status"] == "ok":
+            teachers[name] = keep
         row["wall_seconds"] = time.perf_counter() - start
         rows.append(row)
         if generated is not None:
@@ -439,6 +473,9 @@ def compare(
             )
             log(f"compare {data}: {name}: {what} [{row['wall_seconds']:.1f} s]")
 
+    scratch.cleanup()
+    rows.sort(key=lambda row: order.index(row["method"]))
+    samples = {k: samples[k] for k in sorted(samples, key=lambda k: order.index(k) if k in order else -1)}
     result = CompareResult(
         data=data,
         kind=kind,

@@ -85,7 +85,8 @@ _DEFAULT = Budget(
             "ncsn": _s(2000, ema_decay=0.999),
             "score-matching": _s(1500),
             "score-sde": _s(2000, lr=2e-3, ema_decay=0.999, config={"sample_steps": 500}),
-            "consistency": _s(2000),  # consistency training (no teacher), one-step sampling
+            "consistency": _s(2000),  # distillation from this comparison's score-sde, one-step sampling
+            "distilled": _s(1000, config={"steps": 4}),  # one stage from the ddpm's DDIM-8
         },
         "image": {
             "vae": _s(2000, batch_size=128),
@@ -103,6 +104,7 @@ _DEFAULT = Budget(
                 800, batch_size=128, ema_decay=0.999, config={"base_channels": 16, "steps_per_level": 5}
             ),
             "consistency": _s(400, batch_size=128, config={"base_channels": 16}),
+            "distilled": _s(400, batch_size=128, config={"steps": 4}),
             # The default Langevin step 1e-2 diverges on the 64-D digits at this budget (all samples NaN).
             "score-matching": _s(1000, batch_size=128, config={"num_steps": 200, "step_size": 1e-3}),
             "score-sde": _s(

@@ -70,13 +70,19 @@ def registered():
         base._REGISTRY.pop(name, None)
 
 
+def test_a_student_whose_teacher_is_not_compared_is_skipped():
+    result = compare("eight_gaussians", methods=["distilled", "vae"], budget="quick", progress=False)
+    rows = {row["method"]: row for row in result.rows}
+    assert [row["method"] for row in result.rows] == ["distilled", "vae"]
+    assert rows["distilled"]["status"] == "skipped" and "its teacher 'ddpm'" in rows["distilled"]["reason"]
+
+
 def test_quick_run_writes_every_method_and_the_floor(tmp_path):
     result = compare("eight_gaussians", budget="quick", out_dir=tmp_path, progress=False)
     names = available()
     assert [row["method"] for row in result.rows] == names
-    # Every method runs, except those the registry holds that cannot be built from data alone
-    # (e.g. a distilled student, which needs a teacher): those are skipped, with the reason.
-    core = {"ddpm", "flow", "gan", "ncsn", "score-matching", "score-sde", "vae"}
+    # Every method runs; the few-step students are trained from their teachers in this comparison.
+    core = {"ddpm", "flow", "gan", "ncsn", "score-matching", "score-sde", "vae", "consistency", "distilled"}
     assert {row["method"] for row in result.rows if row["status"] == "ok"} >= core
     assert all(row["status"] in ("ok", "skipped") for row in result.rows), [
         r.get("reason") for r in result.rows
@@ -92,6 +98,8 @@ def test_quick_run_writes_every_method_and_the_floor(tmp_path):
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert [row["method"] for row in saved["rows"]] == names
     rows = {row["method"]: row for row in result.rows}
+    assert rows["consistency"]["teacher"] == "score-sde" and rows["distilled"]["teacher"] == "ddpm"
+    assert rows["distilled"]["nfe_per_sample"] == 4  # its 4 steps, one network call each
     # NFE per sample is exact for fixed-step samplers: the quick DDPM has T = 20 reverse steps,
     # each one call of its net on the whole batch; a VAE decodes once; a GAN generates once.
     assert rows["ddpm"]["nfe_per_sample"] == 20
