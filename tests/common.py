@@ -10,7 +10,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["TINY", "assert_close", "is_png", "load_script", "mc_tolerance", "tiny_method", "toy_data"]
+__all__ = [
+    "TINY",
+    "assert_close",
+    "assert_mean_and_covariance",
+    "is_png",
+    "load_script",
+    "mc_tolerance",
+    "tiny_method",
+    "toy_data",
+]
 
 
 def assert_close(actual, expected, *, atol: float = 1e-6, rtol: float = 1e-5, msg: str = "") -> None:
@@ -84,3 +93,15 @@ def is_png(path) -> bool:
     """Whether ``path`` is a file that starts with the PNG signature."""
     path = Path(path)
     return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def assert_mean_and_covariance(x, mean, cov, z: float = 4.0) -> None:
+    """Assert that the samples ``x`` ``(n, D)`` have mean ``mean`` and covariance ``cov`` within ``z``
+    Monte Carlo standard errors (each mean coordinate, each product of centred coordinates)."""
+    n = x.shape[0]
+    assert bool(((x.mean(0) - mean).abs() < z * (cov.diagonal() / n).sqrt()).all()), (x.mean(0), mean)
+    xc = x - x.mean(0)
+    for j in range(x.shape[1]):
+        for k in range(x.shape[1]):
+            prod = xc[:, j] * xc[:, k]
+            assert abs(float(prod.mean() - cov[j, k])) < mc_tolerance(float(prod.std()), n, z), (j, k)

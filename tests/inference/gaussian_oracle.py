@@ -14,9 +14,14 @@ import torch
 from torch import Tensor
 from torch.distributions import MultivariateNormal
 
-from probgen.sdes import DiffusionSDE
+from probgen.sdes import VESDE, VPSDE, DiffusionSDE, SubVPSDE
 
-__all__ = ["GaussianOracle", "assert_moments"]
+__all__ = ["COV", "MU", "SDES", "GaussianOracle", "assert_moments"]
+
+#: the Gaussian data of the oracle tests, and the SDEs they run under.
+MU = torch.tensor([1.0, -0.5])
+COV = torch.tensor([[1.0, 0.6], [0.6, 0.8]])
+SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 
 class GaussianOracle:

@@ -20,13 +20,7 @@ from probgen.inference.discrete_langevin import DMALA, DULA, dlp_proposal
 Z = 4.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The chains work on tensors of a few thousand numbers: intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_chains(kernel, init, warmup, num_samples):

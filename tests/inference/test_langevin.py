@@ -14,15 +14,7 @@ from probgen.inference.langevin import (
 from probgen.inference.sampling import draw_samples, samplers_for
 from tests.common import mc_tolerance
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many steps on small tensors: on 2 shared cores, intra-op threads cost more than
-    they save (a softmax over (2000, 2) took 16 ms with 2 threads under load, 0.2 ms with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def gaussian_score(mean: float, var: float):

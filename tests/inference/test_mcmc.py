@@ -21,13 +21,7 @@ from probgen.inference.mcmc import MALA, SGLD, ULA, KineticLangevin
 Z = 4.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The chains work on tensors of a few thousand numbers: intra-op threads only add overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 SIGMA = torch.tensor([[1.0, 0.8], [0.8, 2.0]])

@@ -22,21 +22,12 @@ from probgen.inference.sde import (
     tweedie_denoise,
 )
 from probgen.sdes import VESDE, VPSDE, LangevinSDE, SubVPSDE
-from tests.inference.gaussian_oracle import GaussianOracle, assert_moments
+from tests.inference.gaussian_oracle import COV, MU, SDES, GaussianOracle, assert_moments
 
-MU = torch.tensor([1.0, -0.5])
-COV = torch.tensor([[1.0, 0.6], [0.6, 0.8]])
-SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 N = 4000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many steps on small tensors: on 2 shared cores a second intra-op thread made sdeint 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(params=sorted(SDES))

@@ -16,14 +16,7 @@ from probgen.models.base import build, load_method
 from probgen.models.flow import TRANSFORMS, Flow
 from tests.common import assert_close, mc_tolerance
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The flows here are tiny: a second intra-op thread only adds overhead (much more on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _randomize(flow: Flow, std: float = 0.3) -> Flow:

@@ -57,15 +57,6 @@ def test_validation():
 SDES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 
-@pytest.fixture
-def one_thread():
-    """Many solver steps on small tensors: on 2 shared cores a second intra-op thread costs 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(params=sorted(SDES))
 def sde(request):
     return SDES[request.param]()
