@@ -64,7 +64,7 @@ def _teacher(args, train, val) -> tuple[ScoreSDE, str, float | None]:
         teacher, train.x, val_data=val.x[:2000], steps=args.teacher_steps, batch_size=args.batch_size,
         lr=args.teacher_lr, seed=args.seed, ema_decay=0.999, val_every=max(1, args.teacher_steps // 5),
         progress=not args.no_progress, run_dir=run_dir,
-        metadata={"method": "score-sde", "config": teacher.config, "data": args.data, "form": "int",
+        metadata={"data": args.data, "form": "int",
                   "event_shape": [2], "num_levels": None},
     )  # fmt: skip
     return teacher, str(run_dir), time.perf_counter() - start

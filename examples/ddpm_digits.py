@@ -78,8 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
         base_channels=args.base_channels,
     )
     metadata = {
-        "method": "ddpm",
-        "config": ddpm.config,
         "data": "digits",
         "form": "int",
         "event_shape": list(DIGITS_SHAPE),

@@ -60,8 +60,6 @@ def main(argv: list[str] | None = None) -> dict:
         progress=not args.no_progress,
         run_dir=args.out,
         metadata={
-            "method": "ddpm",
-            "config": ddpm.config,
             "data": args.data,
             "form": "int",
             "event_shape": [2],

@@ -58,7 +58,7 @@ def _teacher(args, train) -> tuple[DDPM, dict]:
         progress=not args.no_progress,
         run_dir=args.out / "teacher",
         resume=True,
-        metadata={"method": "ddpm", "config": teacher.config, "data": args.data, "form": "int",
+        metadata={"data": args.data, "form": "int",
                   "event_shape": [2], "num_levels": None},
     )  # fmt: skip
     info = {"run": str(args.out / "teacher"), "train_steps": args.teacher_steps}

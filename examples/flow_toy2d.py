@@ -89,8 +89,6 @@ def _save_heat_maps(rows: dict[str, list[tuple[str, np.ndarray]]], path: Path) -
 
 def _fit(flow: Flow, train_x, val_x, *, name: str, form: str, args, steps: int, batch_size: int, lr: float):
     metadata = {
-        "method": "flow",
-        "config": flow.config,
         "data": name,
         "form": form,
         "event_shape": list(DIGITS_SHAPE) if name == "digits" else [2],

@@ -66,8 +66,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     ncsn = NCSN.from_data(train, steps_per_level=args.steps_per_level, base_channels=args.base_channels)
     metadata = {
-        "method": "ncsn",
-        "config": ncsn.config,
         "data": "digits",
         "form": form,
         "event_shape": list(DIGITS_SHAPE),

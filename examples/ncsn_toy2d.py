@@ -68,8 +68,6 @@ def main(argv: list[str] | None = None) -> dict:
         progress=not args.no_progress,
         run_dir=args.out,
         metadata={
-            "method": "ncsn",
-            "config": ncsn.config,
             "data": args.data,
             "form": "int",
             "event_shape": [2],

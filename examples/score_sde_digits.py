@@ -102,8 +102,6 @@ def main(argv: list[str] | None = None) -> dict:
         progress=not args.no_progress,
         run_dir=args.out,
         metadata={
-            "method": "score-sde",
-            "config": model.config,
             "data": "digits",
             "form": form,
             "event_shape": list(DIGITS_SHAPE),

@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             val_every=max(1, args.steps // 5),
             progress=not args.no_progress,
             run_dir=args.out / kind,
-            metadata={"method": "score-sde", "config": model.config, "data": args.data, "form": "int"}
-            | {"event_shape": [2], "num_levels": None},
+            metadata={"data": args.data, "form": "int"} | {"event_shape": [2], "num_levels": None},
         )
         train_seconds = time.perf_counter() - start
         sde, g = model.sde_object, torch.Generator().manual_seed(args.seed + 1)

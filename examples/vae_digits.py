@@ -47,8 +47,6 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     vae = VAE.from_data(train, latent_dim=args.latent_dim)
     metadata = {
-        "method": "vae",
-        "config": vae.config,
         "data": "digits",
         "form": "int",
         "event_shape": list(DIGITS_SHAPE),
