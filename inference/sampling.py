@@ -33,9 +33,11 @@ def _device(method: nn.Module) -> torch.device:
 
 
 def model_ancestral(method, num: int, *, generator) -> Tensor:
-    """The method's generative program run with nothing observed (:meth:`Method.sample`)."""
-    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-    with seeded(seed, method._anchor if hasattr(method, "_anchor") else None):
+    """The method's generative program run with nothing observed (:meth:`Method.sample`).
+
+    Pyro samples from torch's global RNG: it is forked and seeded with the generator's seed.
+    """
+    with seeded(generator.initial_seed(), method._anchor if hasattr(method, "_anchor") else None):
         return method.sample(num)
 
 
