@@ -212,7 +212,17 @@ def fit(
                 raise ValueError("Expected objective or loss (an ELBO), but found both.")
             objective = ELBOObjective(method, loss)
         elif objective is None:
-            objective = method.objective() if hasattr(method, "objective") else ELBOObjective(method)
+            if hasattr(method, "objective"):
+                objective = method.objective()
+            elif all(hasattr(method, name) for name in ("model", "guide", "elbo")):
+                objective = ELBOObjective(method)
+            else:
+                raise ValueError(
+                    f"Expected a method that hands out its objective (objective()) or has model, guide "
+                    f"and elbo(), but found {type(method).__name__} with neither."
+                )
+        if not isinstance(objective, Objective):
+            raise ValueError(f"Expected an Objective, but found {type(objective).__name__}.")
         loop = _Loop(
             method, objective, data.to(device), val_data.to(device) if val_data is not None else None,
             steps=steps, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,

@@ -317,3 +317,10 @@ def test_load_method_prefers_the_averaged_weights(tmp_path):
         assert torch.equal(value, tensors[f"ema.{name}"])
     raw = [k for k in tensors if k.startswith("model.") and "log_scale" in k]
     assert raw and not torch.equal(tensors[raw[0]], tensors["ema." + raw[0][len("model.") :]])
+
+
+def test_a_module_without_an_objective_is_one_clear_error():
+    with pytest.raises(ValueError, match="Expected a method that hands out its objective"):
+        fit(torch.nn.Linear(2, 2), torch.randn(16, 2), steps=1, batch_size=8, progress=False)
+    with pytest.raises(ValueError, match="Expected an Objective, but found str"):
+        fit(_small_vae(), torch.randn(16, 6), objective="elbo", steps=1, batch_size=8, progress=False)
