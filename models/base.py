@@ -111,8 +111,8 @@ class Method(PyroModule):
 
     @property
     def event_dim(self) -> int:
-        """Flat size D of one observation."""
-        raise NotImplementedError
+        """Flat size D of one observation (the method's ``data_dim``)."""
+        return self.data_dim
 
     def check_data(self, x: torch.Tensor) -> torch.Tensor:
         """Validate a batch ``x`` of shape ``(B, D)`` (finite with :attr:`finite_data`); return it as is."""

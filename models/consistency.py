@@ -271,10 +271,6 @@ class Consistency(Method):
     # ------------------------------------------------------------------ protocol
 
     @property
-    def event_dim(self) -> int:
-        return self.data_dim
-
-    @property
     def sde_object(self) -> DiffusionSDE:
         """The forward SDE whose probability-flow ODE the model follows."""
         return self._sde

@@ -203,10 +203,6 @@ class DDPM(Method):
 
     # ------------------------------------------------------------------ protocol
 
-    @property
-    def event_dim(self) -> int:
-        return self.data_dim
-
     @classmethod
     def data_form(cls, dataset_name: str) -> str:
         """Integer levels for level data (the discretized decoder), raw values for the toys."""

@@ -239,10 +239,6 @@ class Flow(Method):
         self.register_buffer("_scale", scale_t, persistent=False)
         self.register_buffer("_zero", torch.zeros(()), persistent=False)
 
-    @property
-    def event_dim(self) -> int:
-        return self.data_dim
-
     @classmethod
     def data_form(cls, dataset_name: str) -> str:
         """Raw values for the 2-D toys, uniformly dequantized ``(v + u) / L`` for level data."""

@@ -162,10 +162,6 @@ class GAN(Method):
 
     # ------------------------------------------------------------------ protocol
 
-    @property
-    def event_dim(self) -> int:
-        return self.data_dim
-
     @classmethod
     def data_form(cls, dataset_name: str) -> str:
         """Digits in ``[-1, 1]`` (``"centered"``, for the tanh output); raw values otherwise."""

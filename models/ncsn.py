@@ -236,10 +236,6 @@ class NCSN(Method):
     # ------------------------------------------------------------------ protocol
 
     @property
-    def event_dim(self) -> int:
-        return self.data_dim
-
-    @property
     def sampling_defaults(self) -> dict[str, Any]:
         """Annealed Langevin keyword arguments: ``step_size``, ``steps_per_level``, ``denoise``."""
         return dict(

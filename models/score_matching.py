@@ -291,10 +291,6 @@ class ScoreMatching(Method):
         init_range = torch.tensor([float(init_low), float(init_high)])
         self.register_buffer("init_range", init_range, persistent=False)
 
-    @property
-    def event_dim(self) -> int:
-        return self.data_dim
-
     @classmethod
     def data_form(cls, dataset_name: str) -> str:
         """Uniformly dequantized values in [0, 1] for the digits, raw values otherwise."""

@@ -346,10 +346,6 @@ class ScoreSDE(Method):
     # ------------------------------------------------------------------ protocol
 
     @property
-    def event_dim(self) -> int:
-        return self.data_dim
-
-    @property
     def sde_object(self) -> DiffusionSDE:
         """The forward SDE (a :class:`probgen.sdes.DiffusionSDE`)."""
         return self._sde

@@ -99,10 +99,6 @@ class VAE(Method):
         self.register_buffer("_prior_loc", torch.zeros(latent_dim), persistent=False)
         self.register_buffer("_prior_scale", torch.ones(latent_dim), persistent=False)
 
-    @property
-    def event_dim(self) -> int:
-        return self.data_dim
-
     @classmethod
     def from_data(cls, dataset: Any, **kwargs: Any) -> VAE:
         """A VAE for ``dataset``: discretized-logistic decoder for integer-level images,
