@@ -104,7 +104,7 @@ _DEFAULT = Budget(
                 800, batch_size=128, ema_decay=0.999, config={"base_channels": 16, "steps_per_level": 5}
             ),
             "consistency": _s(400, batch_size=128, config={"base_channels": 16}),
-            "distilled": _s(400, batch_size=128, config={"steps": 4}),
+            "distilled": _s(400, batch_size=128, config={"steps": 8}),
             # The default Langevin step 1e-2 diverges on the 64-D digits at this budget (all samples NaN).
             "score-matching": _s(1000, batch_size=128, config={"num_steps": 200, "step_size": 1e-3}),
             "score-sde": _s(
