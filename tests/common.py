@@ -105,3 +105,17 @@ def assert_mean_and_covariance(x, mean, cov, z: float = 4.0) -> None:
         for k in range(x.shape[1]):
             prod = xc[:, j] * xc[:, k]
             assert abs(float(prod.mean() - cov[j, k])) < mc_tolerance(float(prod.std()), n, z), (j, k)
+
+
+def run_chains(kernel, init: dict, warmup: int, num_samples: int) -> dict:
+    """Drive an MCMC kernel as ``pyro.infer.MCMC`` does; the stacked samples of each site, ``(C, T, ...)``."""
+    kernel.initial_params = init
+    kernel.setup(warmup)
+    params = kernel.initial_params
+    for _ in range(warmup):
+        params = kernel.sample(params)
+    out = []
+    for _ in range(num_samples):
+        params = kernel.sample(params)
+        out.append(params)
+    return {k: torch.stack([p[k] for p in out], 1) for k in init}

@@ -16,25 +16,12 @@ from pyro.infer import MCMC
 from pyro.ops.stats import effective_sample_size
 
 from probgen.inference.discrete_langevin import DMALA, DULA, dlp_proposal
+from tests.common import run_chains
 
 Z = 4.0
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def run_chains(kernel, init, warmup, num_samples):
-    """Drive a kernel as pyro.infer.MCMC does; returns the stacked samples of each site, (C, T, ...)."""
-    kernel.initial_params = init
-    kernel.setup(warmup)
-    params = kernel.initial_params
-    for _ in range(warmup):
-        params = kernel.sample(params)
-    out = []
-    for _ in range(num_samples):
-        params = kernel.sample(params)
-        out.append(params)
-    return {k: torch.stack([p[k] for p in out], 1) for k in init}
 
 
 def chain_mean_estimate(features):

@@ -17,6 +17,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.ops.stats import effective_sample_size
 
 from probgen.inference.mcmc import MALA, SGLD, ULA, KineticLangevin
+from tests import common
 
 Z = 4.0
 
@@ -36,17 +37,8 @@ def gaussian_potential(z):
 
 
 def run_chains(kernel, init, warmup, num_samples):
-    """Drive a kernel as pyro.infer.MCMC does; returns the samples of site "x", shape (C, T, 2)."""
-    kernel.initial_params = {"x": init}
-    kernel.setup(warmup)
-    params = kernel.initial_params
-    for _ in range(warmup):
-        params = kernel.sample(params)
-    out = []
-    for _ in range(num_samples):
-        params = kernel.sample(params)
-        out.append(params["x"])
-    return torch.stack(out, 1)
+    """The samples of site "x", shape (C, T, 2) (:func:`tests.common.run_chains`)."""
+    return common.run_chains(kernel, {"x": init}, warmup, num_samples)["x"]
 
 
 def chain_mean_estimate(features):
