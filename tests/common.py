@@ -119,3 +119,23 @@ def run_chains(kernel, init: dict, warmup: int, num_samples: int) -> dict:
         params = kernel.sample(params)
         out.append(params)
     return {k: torch.stack([p[k] for p in out], 1) for k in init}
+
+
+class RecordingNet(torch.nn.Module):
+    """A stand-in network ``net(h, c) -> ones_like(h)`` that records its inputs in :attr:`calls`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list = []
+
+    def forward(self, h, c):
+        self.calls.append((h, c))
+        return torch.ones_like(h)
+
+
+def assert_every_parameter_learns(module: torch.nn.Module) -> None:
+    """After a backward pass: every parameter of ``module`` has a finite, nonzero gradient."""
+    for name, p in module.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()) and bool(p.grad.abs().sum() > 0), (
+            name
+        )

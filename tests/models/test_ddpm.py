@@ -13,6 +13,7 @@ from probgen.elbo import AnalyticKL_ELBO
 from probgen.inference import ddpm_bits_per_dim, ddpm_nll, fit
 from probgen.models import DDPM, build
 from probgen.nets import MLP, UNet
+from tests.common import assert_every_parameter_learns
 
 MU = torch.tensor([1.0, -0.5])
 CHOL = torch.tensor([[0.8, 0.0], [0.5, 0.4]])
@@ -227,8 +228,7 @@ def test_loss_finite_and_gradients_reach_every_parameter(param):
         loss = ddpm.elbo().differentiable_loss(ddpm.model, ddpm.guide, gaussian_data(32))
     assert torch.isfinite(loss)
     loss.backward()
-    for name, p in ddpm.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_learns(ddpm)
 
 
 def test_sampling_through_the_model_and_predictive():
@@ -302,8 +302,7 @@ def test_fit_smoke_on_digits_and_moons():
         ddpm.train()
         ddpm.zero_grad()
         ddpm.elbo().differentiable_loss(ddpm.model, ddpm.guide, data.x[:64]).backward()
-        for name, p in ddpm.named_parameters():
-            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        assert_every_parameter_learns(ddpm)
 
 
 def test_inspect_elbo_parts_equal_the_training_estimator():

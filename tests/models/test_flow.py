@@ -14,7 +14,7 @@ from probgen.data import load_dataset
 from probgen.inference import fit
 from probgen.models.base import build, load_method
 from probgen.models.flow import TRANSFORMS, Flow
-from tests.common import assert_close, mc_tolerance
+from tests.common import assert_close, assert_every_parameter_learns, mc_tolerance
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -107,8 +107,7 @@ def test_gradients_reach_every_parameter(transform):
     flow = _flow(transform, dim=4)
     x = torch.randn(32, 4)
     Trace_ELBO().differentiable_loss(flow.model, flow.guide, x).backward()
-    for name, p in flow.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_every_parameter_learns(flow)
 
 
 def test_no_stale_values_after_a_parameter_update():

@@ -21,7 +21,7 @@ from probgen.models.ncsn import (
     max_pairwise_distance,
 )
 from probgen.nets import MLP, UNet
-from tests.common import assert_close, assert_mean_and_covariance
+from tests.common import RecordingNet, assert_close, assert_every_parameter_learns, assert_mean_and_covariance
 
 MU = torch.tensor([1.0, -0.5], dtype=torch.float64)
 CHOL = torch.tensor([[0.8, 0.0], [0.5, 0.4]], dtype=torch.float64)
@@ -152,19 +152,13 @@ def test_gradients_reach_every_parameter(kind):
         nn.init.normal_(ncsn.net.conv_out.weight, std=0.1)
     assert isinstance(ncsn.net, MLP if kind == "mlp" else UNet)
     AnalyticKL_ELBO().differentiable_loss(ncsn.model, ncsn.guide, x).backward()
-    for name, p in ncsn.named_parameters():
-        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+    assert_every_parameter_learns(ncsn)
 
 
 def test_score_is_the_network_over_sigma_with_scaled_input():
-    calls = []
-
-    class Recorder(nn.Module):
-        def forward(self, h, c):
-            calls.append((h, c))
-            return torch.ones_like(h)
-
-    ncsn = NCSN(2, sigma_max=4.0, sigma_min=0.25, num_levels=3, sigma_data=0.5, net=Recorder())
+    recorder = RecordingNet()
+    calls = recorder.calls
+    ncsn = NCSN(2, sigma_max=4.0, sigma_min=0.25, num_levels=3, sigma_data=0.5, net=recorder)
     x = torch.randn(3, 2)
     sigma = torch.tensor([4.0, 1.0, 0.25])
     s = ncsn.score(x, sigma)

@@ -19,7 +19,13 @@ from probgen.models.ncsn import max_pairwise_distance
 from probgen.models.score_sde import ScoreSDE, TimeProposal, weight_over_var
 from probgen.nets import MLP, UNet
 from probgen.sdes import VESDE, VPSDE, SubVPSDE
-from tests.common import assert_close, assert_mean_and_covariance, mc_tolerance
+from tests.common import (
+    RecordingNet,
+    assert_close,
+    assert_every_parameter_learns,
+    assert_mean_and_covariance,
+    mc_tolerance,
+)
 
 MU = torch.tensor([1.0, -0.5], dtype=torch.float64)
 CHOL = torch.tensor([[0.8, 0.0], [0.5, 0.4]], dtype=torch.float64)
@@ -118,19 +124,13 @@ def test_gradients_reach_every_parameter(kind):
         nn.init.normal_(method.net.conv_out.weight, std=0.1)  # the zero output conv blocks the rest
     assert isinstance(method.net, MLP if kind == "mlp" else UNet)
     AnalyticKL_ELBO().differentiable_loss(method.model, method.guide, x).backward()
-    for name, p in method.named_parameters():
-        assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
+    assert_every_parameter_learns(method)
 
 
 def test_score_predicts_the_noise_from_a_unit_scale_input():
-    calls = []
-
-    class Recorder(nn.Module):
-        def forward(self, h, c):
-            calls.append((h, c))
-            return torch.ones_like(h)
-
-    method = ScoreSDE(2, sde="vp", sigma_data=0.5, net=Recorder())
+    recorder = RecordingNet()
+    calls = recorder.calls
+    method = ScoreSDE(2, sde="vp", sigma_data=0.5, net=recorder)
     x, t = torch.randn(3, 2), torch.tensor([1e-3, 0.5, 1.0])
     m, s = VPSDE().marginal_params(t)
     assert_close(method.score(x, t), -1 / s[:, None].expand(3, 2))
