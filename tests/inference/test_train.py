@@ -309,7 +309,6 @@ def test_load_method_prefers_the_averaged_weights(tmp_path):
         ema_decay=0.9,
         run_dir=tmp_path,
         progress=False,
-        metadata={"method": "vae", "config": method.config},
     )
     loaded, _ = load_method(tmp_path, "last")
     tensors, _ = load_checkpoint(tmp_path, "last")

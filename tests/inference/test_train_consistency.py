@@ -103,7 +103,7 @@ def test_cli_distils_a_teacher_run_and_samples(tmp_path, capsys):
 
     train = load_dataset("eight_gaussians", "train", n=512)
     teacher = ScoreSDE.from_data(train, sde="ve", hidden=[16], embed_dim=8)
-    meta = {"method": "score-sde", "config": teacher.config, "data": "eight_gaussians", "form": "int"}
+    meta = {"data": "eight_gaussians", "form": "int"}
     fit(teacher, train.x, steps=2, batch_size=32, run_dir=tmp_path / "t", metadata=meta, progress=False)
     run = tmp_path / "cd"
     argv = ["train", "consistency", "--data", "eight_gaussians", "--out", str(run), "--no-progress"]
@@ -119,7 +119,7 @@ def test_cli_distils_a_teacher_run_and_samples(tmp_path, capsys):
     # A teacher whose SDE contradicts the asked one is one clear error line (without --set sde, the
     # model would take the teacher's VP SDE).
     vp = ScoreSDE.from_data(train, sde="vp", hidden=[16], embed_dim=8)
-    meta = {"method": "score-sde", "config": vp.config, "data": "eight_gaussians", "form": "int"}
+    meta = {"data": "eight_gaussians", "form": "int"}
     fit(vp, train.x, steps=1, batch_size=32, run_dir=tmp_path / "vp", metadata=meta, progress=False)
     argv[5] = str(tmp_path / "cd2")
     argv[argv.index(f"teacher={tmp_path / 't'}")] = f"teacher={tmp_path / 'vp'}"

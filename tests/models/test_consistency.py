@@ -194,7 +194,7 @@ def test_from_data_takes_and_checks_the_teachers_sde(tmp_path):
 
     x = torch.randn(64, 2)
     teacher = ScoreSDE(2, sde="ve", sigma_max=7.0, hidden=(8,), embed_dim=8)
-    meta = {"method": "score-sde", "config": teacher.config, "data": "toy"}
+    meta = {"data": "toy"}
     fit(teacher, x, steps=1, batch_size=8, run_dir=tmp_path / "t", metadata=meta, progress=False)
     ds = Dataset(name="toy", x=x, y=None, kind="array", event_shape=(2,), num_levels=None)
     cm = Consistency.from_data(ds, teacher=str(tmp_path / "t"), hidden=(8,), embed_dim=8)

@@ -250,7 +250,6 @@ def test_fit_save_load_and_samplers(tmp_path):
         val_every=10,
         batch_size=64,
         run_dir=tmp_path,
-        metadata={"method": "ncsn", "config": ncsn.config},
         progress=False,
     )
     assert result.best_step is not None and math.isfinite(result.best_val)

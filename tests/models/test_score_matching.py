@@ -235,7 +235,6 @@ def test_from_data_config_round_trip_fit_and_load(tmp_path):
         steps=30,
         batch_size=64,
         run_dir=tmp_path,
-        metadata={"method": "score-matching", "config": sm.config},
         progress=False,
     )
     assert result.step == 30

@@ -285,7 +285,6 @@ def test_fit_save_and_load(tmp_path):
         val_every=10,
         batch_size=64,
         run_dir=tmp_path,
-        metadata={"method": "score-sde", "config": method.config},
         progress=False,
     )
     assert result.best_step is not None and math.isfinite(result.best_val)
