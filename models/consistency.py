@@ -702,7 +702,8 @@ class ConsistencyObjective(Objective):
         opts = dict(distance=cm.config["distance"], huber_c=cm.config["huber_c"], per_example=True)
         f, f_target = cm.consistency_function, self.target.consistency_function
         if self.teacher is not None:
-            self.teacher.to(x.device)
+            if next(self.teacher.parameters()).device != x.device:  # once, not every step
+                self.teacher.to(x.device)
             d = consistency_distillation_loss(
                 f, f_target, cm.sde_object, self.teacher.score, x, self._grid(n, x.device), **opts
             )
