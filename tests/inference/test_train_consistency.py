@@ -65,9 +65,21 @@ def test_distillation_and_training_runs_save_loadable_checkpoints(tmp_path):
 def test_the_target_network_trails_the_online_one():
     cm = _cm(target_decay=0.5)
     before = _state(cm)
-    _fit(cm, _data(), steps=3, batch_size=32, teacher=_teacher(), progress=False)
+    objective = cm.objective(teacher=_teacher())
+    trail = []  # after every step: theta^- = mu theta^- + (1 - mu) theta, checked against the copy
+    expected = {k: v.clone() for k, v in before.items()}
+
+    def check(step, loss):
+        online = cm.state_dict()
+        for k, v in objective.target.state_dict().items():
+            if v.is_floating_point() and k in dict(cm.named_parameters()):
+                expected[k] = 0.5 * expected[k] + 0.5 * online[k]
+                trail.append(torch.allclose(v, expected[k], atol=1e-6))
+
+    fit(cm, _data(), objective=objective, steps=3, batch_size=32, progress=False, callback=check)
     moved = [k for k in before if not torch.equal(before[k], cm.state_dict()[k])]
     assert moved, "the online network did not move"
+    assert trail and all(trail), "the target is not the EMA of the online parameters with mu = 0.5"
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
